@@ -1,0 +1,310 @@
+"""The ``spectral`` command. Every setting flag also reads its SPECTRAL_* variable."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import trio
+
+from . import __version__, logs
+from .app import App
+from .config import Settings
+from .db import embedded, migrate, open_database, redact, resolve_url
+from .db.urls import password_of
+from .errors import (
+    AppLoadError,
+    ConfigurationError,
+    InvalidEventError,
+    InvalidPayloadError,
+    NoGenerationError,
+    SchemaNotReadyError,
+    SpectralError,
+)
+from .events import check_topic, encode_payload
+
+DEMO_APP = "spectral.demo:app"
+USER_ERRORS = (ConfigurationError, InvalidEventError, AppLoadError, NoGenerationError,
+               SchemaNotReadyError)
+
+
+def _settings_parser() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("settings (flags override environment variables)")
+    for f in Settings.fields():
+        env = f.metadata["env"]
+        also = f.metadata["also"]
+        names = " or ".join((env, *also))
+        default = "unset" if f.default is None else f.default
+        group.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f"setting_{f.name}", metavar="VALUE",
+            help=f"{f.metadata['help']} [env: {names}; default: {default}]",
+        )
+    return parent
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    settings = _settings_parser()
+    parser = argparse.ArgumentParser(
+        prog="spectral",
+        description="A worker runtime for transactional-outbox systems on PostgreSQL.",
+    )
+    parser.add_argument("--version", action="version", version=f"spectral {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[settings], help="run the workers (the demo app by default)")
+    run.add_argument("app", nargs="?", default=DEMO_APP, help=f"MODULE:APP (default {DEMO_APP})")
+    worker = sub.add_parser("worker", parents=[settings], help="run the workers only")
+    worker.add_argument("app", help="MODULE:APP")
+
+    sub.add_parser("migrate", parents=[settings], help="apply pending migrations of the core schema")
+
+    pub = sub.add_parser("publish", parents=[settings], help="publish one event")
+    pub.add_argument("topic")
+    pub.add_argument("payload", help="a JSON object, e.g. '{\"order_id\": 1}'")
+    pub.add_argument("--available-at", help="ISO-8601 time before which it must not run")
+
+    req = sub.add_parser("requeue", parents=[settings], help="put DEAD events back to PENDING")
+    target = req.add_mutually_exclusive_group(required=True)
+    target.add_argument("--id", type=int, action="append", dest="ids", help="an event id (repeatable)")
+    target.add_argument("--topic", help="every DEAD event of this topic")
+    req.add_argument("--to-generation", type=int, help="with --topic: move them to this generation")
+
+    ins = sub.add_parser("inspect", parents=[settings], help="deployments, workers and the outbox")
+    ins.add_argument("--json", action="store_true", help="one JSON object for scripts")
+
+    dep = sub.add_parser("deploy", help="deployment generations")
+    dep_sub = dep.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
+    alloc = dep_sub.add_parser("allocate", parents=[settings], help="allocate the next generation")
+    alloc.add_argument("--reference", required=True, help="what is deployed (a commit sha, a tag)")
+    alloc.add_argument("--tag", help="a free-form label")
+    alloc.add_argument("--deployed-by", help="who deploys")
+    alloc.add_argument("--json", action="store_true", help="print a JSON object")
+
+    db = sub.add_parser("db", help="the embedded development database")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_sub.add_parser("start", parents=[settings], help="start it (or reuse it) and print its URL")
+    db_sub.add_parser("stop", parents=[settings], help="stop it")
+    return parser
+
+
+def _load_settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        key[len("setting_"):]: value
+        for key, value in vars(args).items()
+        if key.startswith("setting_") and value is not None
+    }
+    return Settings.load(overrides=overrides)
+
+
+def load_app(ref: str) -> App:
+    """Import ``MODULE:APP`` and return the :class:`App` it names."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise AppLoadError(f"app must be given as MODULE:APP, got {ref!r}")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AppLoadError(f"cannot import {module_name!r}: {exc}") from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        raise AppLoadError(f"{ref!r} is not a spectral.App (got {type(app).__name__})")
+    return app
+
+
+def _print(line: str = "") -> None:
+    print(line, flush=True)
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    from .runtime import serve
+
+    app = load_app(args.app)
+    return trio.run(serve, app, settings, url)
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    async def main() -> None:
+        async with open_database(url, pool_size=1):
+            report = await migrate(url, settings.max_payload_bytes)
+        if report.applied:
+            for m in report.applied:
+                _print(f"applied {m.version:04d}_{m.name} ({m.kind})")
+        else:
+            _print("nothing to apply")
+        _print(f"schema core at version {report.current}")
+
+    trio.run(main)
+    return 0
+
+
+async def _generation_for_producer(store: Any, settings: Settings) -> int | None:
+    """The producer's generation: SPECTRAL_GENERATION, else the newest (None lets SQL pick);
+    in development with none allocated, allocate one and say so."""
+    if settings.generation is not None:
+        return settings.generation
+    if settings.environment != "production" and await store.newest_generation() is None:
+        row = await store.allocate_generation("development", None, None)
+        _print(f"allocated generation {row['generation']} for development")
+    return None
+
+
+def cmd_publish(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise InvalidPayloadError(f"invalid payload: not valid JSON ({exc})") from None
+    check_topic(args.topic)
+    text = encode_payload(payload, settings.max_payload_bytes)
+    available_at = None
+    if args.available_at:
+        try:
+            available_at = datetime.fromisoformat(args.available_at)
+        except ValueError:
+            raise ConfigurationError(
+                f"--available-at: not an ISO-8601 time: {args.available_at!r}"
+            ) from None
+        if available_at.tzinfo is None:
+            raise ConfigurationError("--available-at: give a time zone, e.g. 2026-01-01T12:00:00+00:00")
+
+    async def main() -> None:
+        async with open_database(url, pool_size=1) as store:
+            generation = await _generation_for_producer(store, settings)
+            event_id = await store.publish(
+                args.topic, text, available_at=available_at, generation=generation
+            )
+        _print(str(event_id))
+
+    trio.run(main)
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    async def main() -> list[int]:
+        async with open_database(url, pool_size=1) as store:
+            if args.ids:
+                return await store.requeue_ids(args.ids)
+            check_topic(args.topic)
+            return await store.requeue_topic(args.topic, args.to_generation)
+
+    ids = trio.run(main)
+    _print(f"requeued {len(ids)} events" + (f": {', '.join(map(str, ids))}" if ids else ""))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    async def main() -> dict[str, Any]:
+        async with open_database(url, pool_size=1) as store:
+            return {
+                "deployments": await store.latest_deployments(5),
+                "workers": await store.workers(settings.heartbeat_stale_after),
+                "outbox": await store.outbox_counts(),
+            }
+
+    view = trio.run(main)
+    if args.json:
+        _print(json.dumps(view, default=str, indent=2))
+        return 0
+    _print("deployments (newest first):")
+    for d in view["deployments"]:
+        _print(f"  gen {d['generation']:>4}  {d['deployed_at']:%Y-%m-%d %H:%M:%S}  "
+               f"{d['reference']}  {d['tag'] or ''}  {d['deployed_by'] or ''}".rstrip())
+    _print("workers:")
+    for w in view["workers"]:
+        flag = "  STALE" if w["stale"] else ""
+        _print(f"  gen {w['generation']:>4}  {w['state']:<12} last_seen "
+               f"{w['last_seen']:%H:%M:%S}  {w['worker_id']}{flag}")
+    _print("outbox (generation x status):")
+    for row in view["outbox"]:
+        _print(f"  gen {row['generation']:>4}  {row['status']:<8} {row['n']}")
+    return 0
+
+
+def cmd_allocate(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    async def main() -> dict[str, Any]:
+        async with open_database(url, pool_size=1) as store:
+            return await store.allocate_generation(args.reference, args.deployed_by, args.tag)
+
+    row = trio.run(main)
+    if args.json:
+        _print(json.dumps(row, default=str))
+    else:
+        _print(str(row["generation"]))
+    return 0
+
+
+def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    if args.db_command == "start":
+        server = embedded.start(settings.data_dir)
+        _print(f"embedded PostgreSQL ({server.source}) running under {server.pgdata}")
+        _print(server.url)
+        return 0
+    stopped = embedded.stop(settings.data_dir)
+    _print("stopped" if stopped else "not running")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, str], int]] = {
+    "run": cmd_run,
+    "worker": cmd_run,
+    "migrate": cmd_migrate,
+    "publish": cmd_publish,
+    "requeue": cmd_requeue,
+    "inspect": cmd_inspect,
+    "deploy": cmd_allocate,
+}
+
+
+def _first_spectral_error(exc: BaseException) -> SpectralError | None:
+    if isinstance(exc, SpectralError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_spectral_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    secrets: tuple[str, ...] = ()
+    try:
+        settings = _load_settings(args)
+        if settings.database_url:
+            secrets = tuple(s for s in (password_of(settings.database_url),) if s)
+        logs.configure(settings.log_format, settings.log_level, secrets)
+        if args.command == "db":
+            return cmd_db(args, settings)
+        url = resolve_url(settings.database_url, settings.data_dir)
+        if not settings.database_url:
+            logging.getLogger("spectral").info("database: %s", redact(url))
+        return COMMANDS[args.command](args, settings, url)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # noqa: B036 - exception groups and SystemExit pass through
+        if isinstance(exc, SystemExit):
+            raise
+        error = _first_spectral_error(exc)
+        if error is None:
+            raise
+        from .db.urls import scrub
+
+        message = scrub(str(error), *secrets).splitlines()[0] if str(error) else type(error).__name__
+        print(f"spectral: error: {message}", file=sys.stderr, flush=True)
+        return 2 if isinstance(error, USER_ERRORS) else 1
+
+
+def entrypoint() -> None:  # pragma: no cover - console script
+    sys.exit(main())

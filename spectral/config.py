@@ -1,0 +1,236 @@
+"""Every setting Spectral reads, in one place.
+
+Each setting is read from a ``SPECTRAL_*`` environment variable (the database URL also
+from ``DATABASE_URL``) and can be overridden by the CLI flag of the same name. Values are
+parsed and validated once, at start, into a frozen :class:`Settings`; a bad value is a
+:class:`~spectral.errors.ConfigurationError` whose message is one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigurationError
+
+#: Topics: dot-separated segments of letters, digits, ``_`` and ``-``; 1 to 128 characters.
+TOPIC_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$"
+TOPIC_MAX_LENGTH = 128
+TOPIC_RE = re.compile(TOPIC_PATTERN)
+
+ENVIRONMENTS = ("development", "test", "staging", "production")
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _seconds(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be one of true/false, yes/no, on/off, 1/0")
+
+
+def _generation(raw: str) -> int | None:
+    if raw.strip() == "":
+        return None
+    return _positive_int(raw)
+
+
+def _environment(raw: str) -> str:
+    if raw not in ENVIRONMENTS:
+        raise ValueError(f"must be one of {', '.join(ENVIRONMENTS)}")
+    return raw
+
+
+def _log_format(raw: str) -> str:
+    if raw not in ("text", "json"):
+        raise ValueError("must be 'text' or 'json'")
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    upper = raw.upper()
+    if upper not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return upper
+
+
+def _url(raw: str) -> str | None:
+    if raw.strip() == "":
+        return None
+    if not raw.startswith(("postgres://", "postgresql://")):
+        raise ValueError("must start with postgresql:// or postgres://")
+    return raw
+
+
+def _setting(
+    env: str,
+    default: Any,
+    parse: Callable[[str], Any],
+    help: str,
+    *,
+    also: tuple[str, ...] = (),
+    secret: bool = False,
+) -> Any:
+    meta = {"env": env, "parse": parse, "help": help, "also": also, "secret": secret}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Spectral's validated settings. Units are in each field's help."""
+
+    database_url: str | None = _setting(
+        "SPECTRAL_DATABASE_URL", None, _url,
+        "PostgreSQL URL; unset starts an embedded server under the data dir",
+        also=("DATABASE_URL",), secret=True,
+    )
+    data_dir: Path = _setting(
+        "SPECTRAL_DATA_DIR", Path(".spectral"), Path,
+        "directory of the embedded PostgreSQL server's data",
+    )
+    generation: int | None = _setting(
+        "SPECTRAL_GENERATION", None, _generation,
+        "deployment generation this process runs and stamps (a core.deployments row)",
+    )
+    environment: str = _setting(
+        "SPECTRAL_ENVIRONMENT", "development", _environment,
+        "development, test, staging or production",
+    )
+    max_payload_bytes: int = _setting(
+        "SPECTRAL_MAX_PAYLOAD_BYTES", 262_144, _positive_int,
+        "largest event payload accepted, in bytes of JSON text (applied by migrate)",
+    )
+    concurrency: int = _setting(
+        "SPECTRAL_CONCURRENCY", 50, _positive_int, "handler turns run at once per process",
+    )
+    pool_size: int = _setting(
+        "SPECTRAL_POOL_SIZE", 20, _positive_int,
+        "pooled database connections per process (handlers' transactions share them)",
+    )
+    batch_size: int = _setting(
+        "SPECTRAL_BATCH_SIZE", 100, _positive_int, "rows claimed (and acknowledged) per query",
+    )
+    poll_interval: float = _setting(
+        "SPECTRAL_POLL_INTERVAL", 1.0, _seconds, "seconds between polls, NOTIFY or not",
+    )
+    handler_max: float = _setting(
+        "SPECTRAL_HANDLER_MAX", 60.0, _seconds, "seconds a handler turn may run (HANDLER_MAX)",
+    )
+    claim_ttl: float = _setting(
+        "SPECTRAL_CLAIM_TTL", 300.0, _seconds,
+        "seconds a claim lasts before the reaper may take the row back",
+    )
+    drain_timeout: float = _setting(
+        "SPECTRAL_DRAIN_TIMEOUT", 20.0, _seconds,
+        "seconds in-flight turns get after SIGTERM (keep below the SIGKILL window)",
+    )
+    heartbeat_interval: float = _setting(
+        "SPECTRAL_HEARTBEAT_INTERVAL", 30.0, _seconds, "seconds between worker heartbeats",
+    )
+    reap_interval: float = _setting(
+        "SPECTRAL_REAP_INTERVAL", 10.0, _seconds, "seconds between reaper passes",
+    )
+    reconnect_budget: float = _setting(
+        "SPECTRAL_RECONNECT_BUDGET", 120.0, _seconds,
+        "seconds a consumer keeps reconnecting before the process fails",
+    )
+    max_attempts: int = _setting(
+        "SPECTRAL_MAX_ATTEMPTS", 10, _positive_int,
+        "default attempts before an event becomes DEAD (per handler option overrides)",
+    )
+    retry_base: float = _setting(
+        "SPECTRAL_RETRY_BASE", 1.0, _seconds, "first retry delay in seconds (doubles each attempt)",
+    )
+    retry_max: float = _setting(
+        "SPECTRAL_RETRY_MAX", 600.0, _seconds, "longest retry delay in seconds",
+    )
+    log_format: str = _setting(
+        "SPECTRAL_LOG_FORMAT", "text", _log_format, "log lines as 'text' or 'json'",
+    )
+    log_level: str = _setting(
+        "SPECTRAL_LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR",
+    )
+
+    def validate_runtime(self) -> None:
+        """Check the settings that only matter to a running worker.
+
+        Raises:
+            ConfigurationError: the claim TTL does not cover a turn, the drain and a
+                missed heartbeat, so a live worker's rows could be reaped under it.
+        """
+        needed = self.handler_max + self.drain_timeout + self.heartbeat_interval
+        if self.claim_ttl <= needed:
+            raise ConfigurationError(
+                f"SPECTRAL_CLAIM_TTL ({self.claim_ttl:g}s) must be larger than "
+                f"SPECTRAL_HANDLER_MAX + SPECTRAL_DRAIN_TIMEOUT + SPECTRAL_HEARTBEAT_INTERVAL "
+                f"({needed:g}s)"
+            )
+        if self.retry_base > self.retry_max:
+            raise ConfigurationError("SPECTRAL_RETRY_BASE must not exceed SPECTRAL_RETRY_MAX")
+
+    @property
+    def heartbeat_stale_after(self) -> float:
+        """Seconds without a heartbeat after which a worker counts as stale (2 beats)."""
+        return 2 * self.heartbeat_interval
+
+    @classmethod
+    def fields(cls) -> tuple[dataclasses.Field[Any], ...]:
+        return dataclasses.fields(cls)
+
+    @classmethod
+    def load(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, str | None] | None = None,
+    ) -> Settings:
+        """Read settings from the environment, then apply CLI overrides (raw strings).
+
+        Raises:
+            ConfigurationError: a value does not parse; the message names the variable.
+        """
+        environ = os.environ if environ is None else environ
+        overrides = overrides or {}
+        values: dict[str, Any] = {}
+        for f in cls.fields():
+            meta = f.metadata
+            raw: str | None = overrides.get(f.name)
+            source = "--" + f.name.replace("_", "-")
+            if raw is None:
+                for name in (meta["env"], *meta["also"]):
+                    if name in environ:
+                        raw, source = environ[name], name
+                        break
+            if raw is None:
+                continue
+            try:
+                values[f.name] = meta["parse"](raw)
+            except ValueError as exc:
+                shown = "<redacted>" if meta["secret"] else repr(raw)
+                reason = str(exc) if not meta["secret"] else "is not a PostgreSQL URL"
+                if "invalid literal" in reason or "could not convert" in reason:
+                    reason = "is not a number"
+                raise ConfigurationError(f"{source}: {reason} (got {shown})") from None
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,277 @@
+"""The asyncio side of the seam: each function is one unit of database work.
+
+Every function here is an asyncio coroutine that the trio side calls exactly once through
+the bridge (one hop per unit of work, see STACK.md). Cleanup that must happen — returning
+a connection to the pool, rolling back — happens inside the same coroutine, where asyncio
+runs it even when the trio caller is cancelled. Driver errors leave translated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncio
+
+import asyncpg
+
+from ._errors import translated
+from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, WORKERS
+
+Record = Any  # asyncpg.Record; the trio side copies what it needs into its own types
+
+#: Server-side bounds for every pooled session: a stuck statement or an abandoned
+#: transaction cannot hold locks forever.
+SESSION_SETTINGS = {
+    "application_name": "spectral",
+    "idle_in_transaction_session_timeout": "600000",
+}
+
+
+@translated
+async def create_pool(url: str, min_size: int, max_size: int) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, timeout=10,
+        server_settings=SESSION_SETTINGS, max_inactive_connection_lifetime=300,
+    )
+
+
+async def close_pool(pool: asyncpg.Pool, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except Exception:
+        pool.terminate()
+
+
+@translated
+async def connect(url: str, application_name: str) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        url, timeout=10, server_settings={"application_name": application_name},
+    )
+
+
+async def close_connection(conn: asyncpg.Connection, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), timeout)
+    except Exception:
+        conn.terminate()
+
+
+# --- generic one-shot queries (admin, CLI, inspection) -------------------------------
+
+
+@translated
+async def fetch(pool: asyncpg.Pool, sql: str, args: Sequence[Any]) -> list[Record]:
+    return list(await pool.fetch(sql, *args))
+
+
+@translated
+async def fetchval(pool: asyncpg.Pool, sql: str, args: Sequence[Any]) -> Any:
+    return await pool.fetchval(sql, *args)
+
+
+@translated
+async def execute(pool: asyncpg.Pool, sql: str, args: Sequence[Any]) -> str:
+    return str(await pool.execute(sql, *args))
+
+
+# --- workers ---------------------------------------------------------------------------
+
+
+@translated
+async def claim(
+    pool: asyncpg.Pool, generation: int, limit: int, worker_id: str, ttl: float
+) -> list[Record]:
+    return list(await pool.fetch(OUTBOX.claim, generation, limit, worker_id, ttl))
+
+
+@translated
+async def settle(
+    pool: asyncpg.Pool,
+    ledger: tuple[list[str], list[int]],
+    ack: tuple[list[int], list[Any]],
+    fail: tuple[list[int], list[Any], list[float], list[str], list[bool], list[str | None]],
+    release: tuple[list[int], list[Any], list[bool], list[str | None]],
+) -> tuple[set[int], set[int], set[int]]:
+    """Record a batch of turn outcomes in one transaction; returns the ids that matched."""
+    acked: set[int] = set()
+    failed: set[int] = set()
+    released: set[int] = set()
+    async with pool.acquire() as conn, conn.transaction():
+        if ledger[0]:
+            await conn.execute(OUTBOX.record_handled, *ledger)
+        if ack[0]:
+            acked = {r[0] for r in await conn.fetch(OUTBOX.ack, *ack)}
+        if fail[0]:
+            failed = {r[0] for r in await conn.fetch(OUTBOX.fail, *fail)}
+        if release[0]:
+            released = {r[0] for r in await conn.fetch(OUTBOX.release, *release)}
+    return acked, failed, released
+
+
+@translated
+async def reap(pool: asyncpg.Pool, limit: int) -> list[Record]:
+    return list(await pool.fetch(OUTBOX.reap, limit))
+
+
+@translated
+async def register_worker(conn: asyncpg.Connection, args: Sequence[Any]) -> None:
+    await conn.execute(WORKERS.register_worker, *args)
+
+
+@translated
+async def beat(conn: asyncpg.Connection, worker_id: str, state: str) -> str | None:
+    value = await conn.fetchval(WORKERS.beat, worker_id, state)
+    return None if value is None else str(value)
+
+
+@translated
+async def mark_exited(conn: asyncpg.Connection, worker_id: str) -> None:
+    await conn.execute(WORKERS.mark_exited, worker_id)
+
+
+# --- a handler's transaction -----------------------------------------------------------
+
+
+class TurnOutcome:
+    """Values returned by ``turn_begin`` when the ledger says the handler already ran."""
+
+    ALREADY_HANDLED = "already-handled"
+    CLAIM_LOST = "claim-lost"
+
+
+async def _run(conn: asyncpg.Connection, mode: str, sql: str, args: Sequence[Any]) -> Any:
+    if mode == "execute":
+        return await conn.execute(sql, *args)
+    if mode == "fetch":
+        return list(await conn.fetch(sql, *args))
+    if mode == "fetchrow":
+        return await conn.fetchrow(sql, *args)
+    if mode == "fetchval":
+        return await conn.fetchval(sql, *args)
+    if mode == "executemany":
+        return await conn.executemany(sql, args)
+    raise ValueError(f"unknown query mode {mode!r}")
+
+
+@translated
+async def turn_begin(
+    pool: asyncpg.Pool,
+    event_id: int,
+    token: Any,
+    handler: str,
+    mode: str,
+    sql: str,
+    args: Sequence[Any],
+) -> tuple[Any, Any, Any]:
+    """Open a handler's transaction and run its first statement, in one hop.
+
+    Returns ``(connection, transaction, result)``, or ``(None, None, outcome)`` with a
+    :class:`TurnOutcome` when the claim was lost or the ledger already has the handler.
+    On any error the transaction is rolled back and the connection returned.
+    """
+    conn = await pool.acquire()
+    tr = conn.transaction()
+    try:
+        await tr.start()
+        if await conn.fetchval(OUTBOX.turn_begin, event_id, token) is None:
+            await tr.rollback()
+            await pool.release(conn)
+            return None, None, TurnOutcome.CLAIM_LOST
+        if await conn.fetchval(OUTBOX.turn_ledger, handler, event_id) is None:
+            await tr.rollback()
+            await pool.release(conn)
+            return None, None, TurnOutcome.ALREADY_HANDLED
+        result = await _run(conn, mode, sql, args)
+    except BaseException:
+        await _abandon(pool, conn, tr)
+        raise
+    return conn, tr, result
+
+
+@translated
+async def turn_query(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any, mode: str, sql: str,
+    args: Sequence[Any],
+) -> Any:
+    """One statement inside an open handler transaction (a failing one aborts it)."""
+    return await _run(conn, mode, sql, args)
+
+
+@translated
+async def turn_publish(
+    conn: asyncpg.Connection, topic: str, payload: str,
+    available_at: datetime | None, generation: int | None,
+) -> int:
+    return int(await conn.fetchval(PUBLISH.publish, topic, payload, available_at, generation))
+
+
+@translated
+async def turn_commit(pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any) -> None:
+    try:
+        await tr.commit()
+    except BaseException:
+        await _abandon(pool, conn, tr)
+        raise
+    await pool.release(conn)
+
+
+async def turn_rollback(pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any) -> None:
+    await _abandon(pool, conn, tr)
+
+
+async def _abandon(pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any) -> None:
+    """Roll back and return the connection; a broken connection is discarded instead."""
+    try:
+        if not conn.is_closed() and conn.is_in_transaction():
+            await tr.rollback()
+        await pool.release(conn)
+    except BaseException:
+        conn.terminate()
+        await pool.release(conn)
+
+
+# --- publishing and the listener -------------------------------------------------------
+
+
+@translated
+async def publish(
+    conn: Any, topic: str, payload: str, available_at: datetime | None, generation: int | None
+) -> int:
+    return int(await conn.fetchval(PUBLISH.publish, topic, payload, available_at, generation))
+
+
+@translated
+async def listen(
+    url: str,
+    channel: str,
+    on_notify: Callable[[str], None],
+    on_terminate: Callable[[], None],
+) -> asyncpg.Connection:
+    """Open a dedicated connection and LISTEN on ``channel``.
+
+    The callbacks run on the event loop's thread (the trio thread under trio-asyncio); they
+    must not raise.
+    """
+    conn = await asyncpg.connect(
+        url, timeout=10, server_settings={"application_name": "spectral-listener"},
+    )
+    try:
+        conn.add_termination_listener(lambda _conn: on_terminate())
+        await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
+    except BaseException:
+        conn.terminate()
+        raise
+    return conn
+
+
+@translated
+async def ping(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT 1")
+
+
+@translated
+async def newest_generation(pool: asyncpg.Pool) -> int | None:
+    value = await pool.fetchval(DEPLOYMENTS.newest_generation)
+    return None if value is None else int(value)

@@ -1,0 +1,121 @@
+"""Forward-only, numbered SQL migrations shipped in ``spectral/db/migrations/``.
+
+Each file is ``NNNN_name.sql`` and declares ``-- kind: expand`` or ``-- kind: contract`` in
+its header. ``spectral migrate`` applies the pending ones in order, each in its own
+transaction, under an advisory lock: concurrent runs wait for each other and re-running
+applies nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from ..errors import MigrationError
+from . import _aio
+from ._errors import translated
+from ._queries import MIGRATE, PUBLISH
+from .store import hop
+
+_FILENAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_KIND = re.compile(r"^--\s*kind:\s*(expand|contract)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    kind: str
+    sql: str = field(repr=False)
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
+
+
+def shipped() -> list[Migration]:
+    """The migrations in the package, in order. Malformed files fail loudly."""
+    found: list[Migration] = []
+    folder = resources.files("spectral.db").joinpath("migrations")
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        match = _FILENAME.match(entry.name)
+        if not match:
+            continue
+        sql = entry.read_text("utf-8")
+        kind = _KIND.search(sql)
+        if kind is None:
+            raise MigrationError(f"migration {entry.name} does not declare '-- kind: expand|contract'")
+        found.append(Migration(int(match.group(1)), match.group(2), kind.group(1), sql))
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise MigrationError(f"migration numbers must run 1..N without gaps, found {versions}")
+    return found
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    applied: list[Migration]
+    current: int
+
+
+@translated
+async def _migrate(url: str, migrations: list[Migration], max_payload_bytes: int) -> list[int]:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await conn.execute(MIGRATE.lock)
+        try:
+            await conn.execute(MIGRATE.bootstrap)
+            applied = {r["version"]: r for r in await conn.fetch(MIGRATE.applied)}
+            done: list[int] = []
+            for m in migrations:
+                if m.version in applied:
+                    if applied[m.version]["checksum"] != m.checksum:
+                        raise MigrationError(
+                            f"migration {m.version:04d}_{m.name} changed after it was applied; "
+                            "migrations are forward-only: add a new one instead"
+                        )
+                    continue
+                async with conn.transaction():
+                    await conn.execute(m.sql)
+                    await conn.execute(MIGRATE.record, m.version, m.name, m.kind, m.checksum)
+                done.append(m.version)
+            unknown = sorted(set(applied) - {m.version for m in migrations})
+            if unknown:
+                raise MigrationError(
+                    f"the database has migrations this version does not know ({unknown}): "
+                    "it was migrated by a newer Spectral"
+                )
+            await conn.execute(PUBLISH.set_max_payload_bytes, max_payload_bytes)
+            return done
+        finally:
+            await conn.execute(MIGRATE.unlock)
+    finally:
+        await _aio.close_connection(conn, 5)
+
+
+async def migrate(url: str, max_payload_bytes: int) -> MigrationReport:
+    """Apply every pending migration (trio-callable, one hop)."""
+    migrations = shipped()
+    done = await hop(_migrate, url, migrations, max_payload_bytes)
+    return MigrationReport([m for m in migrations if m.version in done], len(migrations))
+
+
+@translated
+async def _status(url: str) -> list[Any]:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        if not await conn.fetchval(MIGRATE.has_schema):
+            return []
+        return [dict(r) for r in await conn.fetch(MIGRATE.applied)]
+    finally:
+        await _aio.close_connection(conn, 5)
+
+
+async def applied_versions(url: str) -> list[dict[str, Any]]:
+    """The migrations recorded in the database (empty before the first migrate)."""
+    return await hop(_status, url)

@@ -1,0 +1,92 @@
+"""Publishing from producers' own transactions.
+
+``publish`` is for asyncio code holding an asyncpg connection inside its own transaction;
+``publish_trio`` is its twin for trio code (an asyncpg connection used through
+trio-asyncio, or a handler's :class:`spectral.Tx`). Both check the topic and payload
+before any I/O and let ``core.publish`` apply the same checks again in the database.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from typing import Any, Protocol
+
+from ..config import Settings
+from ..events import DEFAULT_MAX_PAYLOAD_BYTES, check_topic, encode_payload
+from . import _aio
+from .store import hop
+
+
+class _TxLike(Protocol):
+    async def publish(
+        self, topic: str, payload: dict[str, Any], *, available_at: datetime | None = None,
+        generation: int | None = None,
+    ) -> int: ...
+
+
+def _producer_generation(explicit: int | None) -> int | None:
+    if explicit is not None:
+        return explicit
+    if os.environ.get("SPECTRAL_GENERATION", "").strip():
+        generation = Settings.load(overrides={}).generation
+        return generation
+    return None
+
+
+async def publish(
+    conn: Any,
+    topic: str,
+    payload: dict[str, Any],
+    *,
+    available_at: datetime | None = None,
+    generation: int | None = None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> int:
+    """Write one event into the outbox in ``conn``'s current transaction (asyncio).
+
+    Args:
+        conn: an asyncpg connection, normally inside the caller's ``conn.transaction()``
+            so the event commits (and wakes the workers) with the caller's own writes.
+        topic: dot-separated segments of letters, digits, ``_`` and ``-``; 1-128 characters.
+        payload: a JSON object (dict).
+        available_at: do not run before this time (default: now, by the database clock).
+        generation: the generation to stamp; default ``SPECTRAL_GENERATION`` when set,
+            else the newest ``core.deployments`` generation.
+        max_payload_bytes: the local pre-check; the database enforces its own cap too.
+
+    Returns:
+        The event id.
+
+    Raises:
+        InvalidTopicError, InvalidPayloadError, PayloadTooLargeError: bad input; nothing
+            was written.
+        NoGenerationError: no generation given and none allocated.
+    """
+    text = encode_payload(payload, max_payload_bytes)
+    check_topic(topic)
+    return await _aio.publish(conn, topic, text, available_at, _producer_generation(generation))
+
+
+async def publish_trio(
+    target: Any,
+    topic: str,
+    payload: dict[str, Any],
+    *,
+    available_at: datetime | None = None,
+    generation: int | None = None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> int:
+    """The trio twin of :func:`publish`.
+
+    ``target`` is a handler's :class:`spectral.Tx` (the event joins the turn's
+    transaction) or an asyncpg connection driven through trio-asyncio.
+    """
+    if hasattr(target, "publish") and not hasattr(target, "fetchval"):
+        tx: _TxLike = target
+        return await tx.publish(topic, payload, available_at=available_at, generation=generation)
+    text = encode_payload(payload, max_payload_bytes)
+    check_topic(topic)
+    return await hop(
+        _aio.publish, target, topic, text, available_at, _producer_generation(generation)
+    )

@@ -1,0 +1,30 @@
+-- The migration runner's own queries.
+
+-- name: lock
+-- One migrator at a time per database (the key is 'spectral migrate' as a 64-bit int).
+SELECT pg_advisory_lock(7089812386431062136);
+
+-- name: unlock
+SELECT pg_advisory_unlock(7089812386431062136);
+
+-- name: bootstrap
+-- The schema and the table that records applied migrations.
+CREATE SCHEMA IF NOT EXISTS core;
+CREATE TABLE IF NOT EXISTS core.schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    kind       text        NOT NULL CHECK (kind IN ('expand', 'contract')),
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: applied
+SELECT version, name, kind, checksum, applied_at FROM core.schema_migrations ORDER BY version;
+
+-- name: record
+-- $1 version, $2 name, $3 kind, $4 checksum.
+INSERT INTO core.schema_migrations (version, name, kind, checksum) VALUES ($1, $2, $3, $4);
+
+-- name: has_schema
+-- Whether core.schema_migrations exists (NULL when it does not).
+SELECT to_regclass('core.schema_migrations') IS NOT NULL;

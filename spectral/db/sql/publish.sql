@@ -1,0 +1,14 @@
+-- Producer-side queries.
+
+-- name: publish
+-- Publish one event through core.publish (the same checks as SQL producers get).
+-- $1 topic, $2 payload (jsonb text), $3 available_at or NULL, $4 generation or NULL.
+SELECT core.publish($1, $2::jsonb, $3, $4);
+
+-- name: max_payload_bytes
+-- The payload cap the database enforces.
+SELECT value::bigint FROM core.settings WHERE key = 'max_payload_bytes';
+
+-- name: set_max_payload_bytes
+-- Change the payload cap for SQL and Python producers and the table's CHECK. $1 bytes.
+SELECT core.set_max_payload_bytes($1);

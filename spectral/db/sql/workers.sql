@@ -1,0 +1,38 @@
+-- Worker registration and heartbeats (core.workers). Times come from the database clock.
+
+-- name: register_worker
+-- Register this process: $1 worker_id, $2 generation, $3 environment, $4 service,
+-- $5 hostname, $6 pid, $7 state ('running', or 'reconnecting' after an outage).
+INSERT INTO core.workers (worker_id, generation, environment, service, hostname, pid, state,
+                          started_at, last_seen)
+VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp(), clock_timestamp())
+ON CONFLICT (worker_id) DO UPDATE
+SET state = excluded.state, last_seen = clock_timestamp(), exited_at = NULL;
+
+-- name: beat
+-- Refresh last_seen and state ('running' or 'reconnecting'). $1 worker_id, $2 state.
+UPDATE core.workers SET last_seen = clock_timestamp(), state = $2
+WHERE worker_id = $1
+RETURNING state;
+
+-- name: mark_exited
+-- The worker stopped cleanly. $1 worker_id.
+UPDATE core.workers SET state = 'exited', last_seen = clock_timestamp(),
+                        exited_at = clock_timestamp()
+WHERE worker_id = $1;
+
+-- name: workers_by_generation
+-- Running workers by generation with their most recent beat (the runbook's view).
+SELECT generation, count(*) AS n, max(last_seen) AS most_recent_beat
+FROM core.workers
+WHERE state = 'running'
+GROUP BY generation
+ORDER BY generation DESC;
+
+-- name: list_workers
+-- Every worker row, most recent beat first; $1 seconds after which a beat is stale.
+SELECT worker_id, generation, environment, service, state, last_seen, started_at,
+       (state <> 'exited' AND last_seen < clock_timestamp() - make_interval(secs => $1))
+           AS stale
+FROM core.workers
+ORDER BY last_seen DESC;

@@ -1,0 +1,312 @@
+"""The trio side of the seam: typed, trio-flavoured database operations.
+
+Nothing outside ``spectral.db`` sees asyncpg objects or calls across the bridge. Each
+method is one hop to one coroutine of :mod:`spectral.db._aio`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ParamSpec, TypeVar
+
+import trio
+import trio_asyncio
+
+from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError
+from . import _aio
+from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, WORKERS
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Seconds a shielded cleanup (rollback, release, close) may take before it is abandoned.
+CLEANUP_TIMEOUT = 5.0
+
+
+async def hop(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run one asyncio coroutine function from trio: one bridge crossing."""
+    return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def asyncio_loop() -> AsyncIterator[None]:
+    """Enter the process's trio-asyncio loop, or reuse the one already running."""
+    if trio_asyncio.current_loop.get(None) is None:
+        async with trio_asyncio.open_loop():
+            yield
+    else:
+        yield
+
+
+@dataclass(frozen=True)
+class ClaimedRow:
+    """A row this worker claimed; ``token`` fences every later change to it."""
+
+    id: int
+    topic: str
+    payload: dict[str, Any]
+    generation: int
+    attempts: int
+    created_at: datetime
+    token: uuid.UUID
+    wait_seconds: float
+    handled: frozenset[str]
+
+
+@dataclass
+class Settlement:
+    """A batch of turn outcomes, written in one transaction by :meth:`Store.settle`."""
+
+    ledger: list[tuple[str, int]] = field(default_factory=list)
+    ack: list[tuple[int, uuid.UUID]] = field(default_factory=list)
+    fail: list[tuple[int, uuid.UUID, float, str, bool, str | None]] = field(
+        default_factory=list
+    )
+    release: list[tuple[int, uuid.UUID, bool, str | None]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ack) + len(self.fail) + len(self.release)
+
+    def ids(self) -> set[int]:
+        return {a[0] for a in self.ack} | {f[0] for f in self.fail} | {r[0] for r in self.release}
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What :meth:`Store.settle` changed; ids it did not change had lost their claim."""
+
+    acked: set[int]
+    failed: set[int]
+    released: set[int]
+
+    def lost(self, batch: Settlement) -> set[int]:
+        return batch.ids() - self.acked - self.failed - self.released
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> tuple[list[Any], ...]:
+    return tuple([row[i] for row in rows] for i in range(width))
+
+
+class Store:
+    """Spectral's database, seen from trio. Built by :func:`spectral.db.open_database`."""
+
+    def __init__(self, pool: Any, url: str) -> None:
+        self._pool = pool
+        self._url = url
+
+    @property
+    def url(self) -> str:
+        """The database URL, password included: never log it (see ``urls.redact``)."""
+        return self._url
+
+    # --- producers -------------------------------------------------------------------
+
+    async def publish(
+        self, topic: str, payload_json: str, *, available_at: datetime | None = None,
+        generation: int | None = None,
+    ) -> int:
+        """Publish one already-checked event in its own transaction; returns its id."""
+        value = await hop(
+            _aio.fetchval, self._pool, PUBLISH.publish,
+            (topic, payload_json, available_at, generation),
+        )
+        return int(value)
+
+    # --- workers ---------------------------------------------------------------------
+
+    async def claim(
+        self, generation: int, limit: int, worker_id: str, ttl: float
+    ) -> list[ClaimedRow]:
+        records = await hop(_aio.claim, self._pool, generation, limit, worker_id, ttl)
+        return [
+            ClaimedRow(
+                id=r["id"], topic=r["topic"], payload=json.loads(r["payload"]),
+                generation=r["generation"], attempts=r["attempts"],
+                created_at=r["created_at"], token=r["claim_token"],
+                wait_seconds=r["wait_seconds"], handled=frozenset(r["handled"]),
+            )
+            for r in records
+        ]
+
+    async def settle(self, batch: Settlement) -> Settled:
+        acked, failed, released = await hop(
+            _aio.settle, self._pool,
+            _columns(batch.ledger, 2), _columns(batch.ack, 2), _columns(batch.fail, 6),
+            _columns(batch.release, 4),
+        )
+        return Settled(acked, failed, released)
+
+    async def reap(self, limit: int) -> list[tuple[int, int, str | None]]:
+        records = await hop(_aio.reap, self._pool, limit)
+        return [(r["id"], r["generation"], r["claimed_by"]) for r in records]
+
+    async def open_turn(self, event_id: int, token: uuid.UUID, handler: str) -> TurnTx:
+        """A lazily opened transaction for one handler's turn on one event."""
+        return TurnTx(self._pool, event_id, token, handler)
+
+    # --- deployments -----------------------------------------------------------------
+
+    async def newest_generation(self) -> int | None:
+        return await hop(_aio.newest_generation, self._pool)
+
+    async def generation_exists(self, generation: int) -> bool:
+        return bool(await self.fetchval(DEPLOYMENTS.generation_exists, generation))
+
+    async def allocate_generation(
+        self, reference: str, deployed_by: str | None, tag: str | None
+    ) -> dict[str, Any]:
+        rows = await self.fetch(DEPLOYMENTS.allocate_generation, reference, deployed_by, tag)
+        return rows[0]
+
+    async def latest_deployments(self, limit: int = 5) -> list[dict[str, Any]]:
+        return await self.fetch(DEPLOYMENTS.latest_deployments, limit)
+
+    # --- operators -------------------------------------------------------------------
+
+    async def requeue_ids(self, ids: Sequence[int]) -> list[int]:
+        return [r["id"] for r in await self.fetch(OUTBOX.requeue_ids, list(ids))]
+
+    async def requeue_topic(self, topic: str, generation: int | None) -> list[int]:
+        return [r["id"] for r in await self.fetch(OUTBOX.requeue_topic, topic, generation)]
+
+    async def outbox_counts(self) -> list[dict[str, Any]]:
+        return await self.fetch(OUTBOX.counts)
+
+    async def get_event(self, event_id: int) -> dict[str, Any] | None:
+        rows = await self.fetch(OUTBOX.get_event, event_id)
+        return rows[0] if rows else None
+
+    async def workers(self, stale_after: float) -> list[dict[str, Any]]:
+        return await self.fetch(WORKERS.list_workers, stale_after)
+
+    async def max_payload_bytes(self) -> int:
+        return int(await self.fetchval(PUBLISH.max_payload_bytes))
+
+    async def set_max_payload_bytes(self, cap: int) -> None:
+        await self.fetchval(PUBLISH.set_max_payload_bytes, cap)
+
+    # --- generic, for the query files of other modules --------------------------------
+
+    async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        return [dict(r) for r in await hop(_aio.fetch, self._pool, sql, args)]
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await hop(_aio.fetchval, self._pool, sql, args)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await hop(_aio.execute, self._pool, sql, args)
+
+    # --- dedicated connections -------------------------------------------------------
+
+    async def connect(self, application_name: str) -> Connection:
+        """A dedicated connection outside the pool (heartbeat), so handlers cannot starve it."""
+        return Connection(await hop(_aio.connect, self._url, application_name))
+
+    async def listen(
+        self, channel: str, on_notify: Callable[[str], None], on_terminate: Callable[[], None]
+    ) -> Connection:
+        """A dedicated connection LISTENing on ``channel`` (a pool would UNLISTEN it)."""
+        return Connection(await hop(_aio.listen, self._url, channel, on_notify, on_terminate))
+
+
+class Connection:
+    """A dedicated connection (listener or heartbeat), closed with :meth:`aclose`."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def is_closed(self) -> bool:
+        return bool(self._conn.is_closed())
+
+    async def ping(self) -> None:
+        await hop(_aio.ping, self._conn)
+
+    async def register_worker(self, *args: Any) -> None:
+        await hop(_aio.register_worker, self._conn, args)
+
+    async def beat(self, worker_id: str, state: str) -> bool:
+        """Refresh the worker row; False when the row is gone (deleted by an operator)."""
+        return await hop(_aio.beat, self._conn, worker_id, state) is not None
+
+    async def mark_exited(self, worker_id: str) -> None:
+        await hop(_aio.mark_exited, self._conn, worker_id)
+
+    async def aclose(self) -> None:
+        """Close within :data:`CLEANUP_TIMEOUT`, shielded from cancellation."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT + 1):
+            await hop(_aio.close_connection, self._conn, CLEANUP_TIMEOUT)
+
+
+class TurnTx:
+    """The transaction of one handler's turn, opened on its first statement.
+
+    The first statement also checks the claim token and inserts the ``core.event_handled``
+    row in the same hop; :meth:`commit` commits the handler's writes with that row.
+    """
+
+    def __init__(self, pool: Any, event_id: int, token: uuid.UUID, handler: str) -> None:
+        self._pool = pool
+        self._event_id = event_id
+        self._token = token
+        self._handler = handler
+        self._conn: Any = None
+        self._tr: Any = None
+        self._closed = False
+
+    @property
+    def opened(self) -> bool:
+        """Whether the handler touched the database (a transaction is open)."""
+        return self._conn is not None
+
+    async def query(self, mode: str, sql: str, args: Sequence[Any]) -> Any:
+        if self._closed:
+            raise DatabaseError("this turn's transaction is finished; it cannot be used again")
+        if self._conn is None:
+            conn, tr, result = await hop(
+                _aio.turn_begin, self._pool, self._event_id, self._token, self._handler,
+                mode, sql, args,
+            )
+            if conn is None:
+                self._closed = True
+                if result == _aio.TurnOutcome.ALREADY_HANDLED:
+                    raise AlreadyHandledError(
+                        f"handler {self._handler} already handled event {self._event_id}"
+                    )
+                raise ClaimLostError(f"event {self._event_id}: claim lost before the turn began")
+            self._conn, self._tr = conn, tr
+            return result
+        return await hop(_aio.turn_query, self._pool, self._conn, self._tr, mode, sql, args)
+
+    async def publish(
+        self, topic: str, payload_json: str, available_at: datetime | None,
+        generation: int | None,
+    ) -> int:
+        if self._conn is None:
+            # Open the transaction with a no-op so the publish joins the turn's writes.
+            await self.query("execute", "SELECT 1", ())
+        return await hop(
+            _aio.turn_publish, self._conn, topic, payload_json, available_at, generation
+        )
+
+    async def commit(self) -> None:
+        """Commit (shielded, bounded): the handler's writes and its ledger row together."""
+        if self._conn is None or self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            with trio.fail_after(CLEANUP_TIMEOUT * 2):
+                await hop(_aio.turn_commit, self._pool, self._conn, self._tr)
+
+    async def rollback(self) -> None:
+        """Roll back and return the connection (shielded, bounded); idempotent."""
+        if self._conn is None or self._closed:
+            self._closed = True
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
+            await hop(_aio.turn_rollback, self._pool, self._conn, self._tr)

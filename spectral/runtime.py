@@ -1,0 +1,201 @@
+"""The supervisor: start order, signals, drain and exit codes.
+
+Supervision policy, per actor:
+
+============  ==========================================================================
+heartbeat     reconnects with backoff; past SPECTRAL_RECONNECT_BUDGET the process fails
+listener      reconnects with backoff (poll-only meanwhile); past the budget, fails
+claimer       reconnects with backoff; past the budget, fails; on drain, finishes & returns
+reaper        a failed pass is logged and the next runs on schedule
+user actors   restarted with backoff (1 s doubling to 60 s)
+============  ==========================================================================
+
+Any other exception in a Spectral actor is a bug: it fails the process loudly (exit 1)
+rather than running on in an unknown state; rows it held are recovered by the reaper.
+
+Exit codes: 0 after a clean drain; 1 on failure; 2 for bad input or configuration;
+3 when a turn stuck in blocking code outlived the drain; 130 after a second signal.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import trio
+
+from .actors.claimer import Claimer
+from .actors.heartbeat import Heartbeat
+from .actors.listener import OutboxListener
+from .actors.reaper import Reaper
+from .actors.user import ActorSupervisor
+from .app import App
+from .config import Settings
+from .db import Store, applied_versions, migrate, open_database, shipped
+from .errors import ConfigurationError, NoGenerationError, SchemaNotReadyError
+from .state import RuntimeState
+from .turns import RetryPolicy, TurnRunner
+
+log = logging.getLogger("spectral.runtime")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_STUCK = 3
+EXIT_SECOND_SIGNAL = 130
+
+#: Seconds past the drain deadline before the watchdog declares a turn stuck.
+WATCHDOG_GRACE = 5.0
+
+
+def make_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{random.randbytes(3).hex()}"
+
+
+async def ensure_schema(url: str, settings: Settings) -> None:
+    """Migrate in development; elsewhere refuse to run on an old schema."""
+    current = {m["version"] for m in await applied_versions(url)}
+    missing = [m for m in shipped() if m.version not in current]
+    if not missing:
+        return
+    if settings.environment in ("development", "test"):
+        report = await migrate(url, settings.max_payload_bytes)
+        log.info("migrated the database (%d migrations; development only)", len(report.applied))
+        return
+    raise SchemaNotReadyError(
+        f"the database lacks {len(missing)} migrations: run 'spectral migrate' first"
+    )
+
+
+async def resolve_generation(store: Store, settings: Settings) -> int:
+    """The generation this process runs (see the runbook's stamping invariants)."""
+    if settings.generation is not None:
+        if not await store.generation_exists(settings.generation):
+            raise NoGenerationError(
+                f"SPECTRAL_GENERATION={settings.generation} is not in core.deployments: "
+                "allocate it with 'spectral deploy allocate'"
+            )
+        return settings.generation
+    if settings.environment == "production":
+        raise ConfigurationError(
+            "SPECTRAL_ENVIRONMENT=production needs SPECTRAL_GENERATION set to an allocated generation"
+        )
+    newest = await store.newest_generation()
+    if newest is not None:
+        log.info("no SPECTRAL_GENERATION: running the newest generation %d (development)", newest)
+        return newest
+    row = await store.allocate_generation(
+        "development", f"{getpass.getuser()}@{socket.gethostname()}", None
+    )
+    generation = int(row["generation"])
+    log.info("allocated generation %d for development (no SPECTRAL_GENERATION given)", generation)
+    return generation
+
+
+@dataclass
+class _Exit:
+    code: int = EXIT_OK
+
+
+def _watchdog(state: RuntimeState, seconds: float) -> None:
+    """Thread: if the process is still here long after the drain deadline, a turn is
+    blocking the trio thread (trio cannot cancel blocking code). Name it and exit."""
+    time.sleep(seconds)
+    stuck = state.stuck_turns()
+    names = ", ".join(f"{t.handler} on event {t.event_id}" for t in stuck) or "unknown"
+    log.critical(
+        "drain deadline passed %.0fs ago and the process is still running: a turn is stuck "
+        "in blocking code (%s); exiting, the reaper will recover its row",
+        WATCHDOG_GRACE, names, extra={"worker_id": state.worker_id},
+    )
+    for handler in logging.getLogger("spectral").handlers:
+        handler.flush()
+    os._exit(EXIT_STUCK)
+
+
+async def _watch_signals(
+    signals: trio.abc.AsyncIterator[int] | object, state: RuntimeState, settings: Settings,
+    root: trio.CancelScope, exit: _Exit,
+) -> None:
+    async for signum in signals:  # type: ignore[union-attr]
+        name = signal.Signals(signum).name
+        if not state.draining.is_set():
+            log.info("%s: draining (stop claiming; %.0fs for in-flight turns)", name,
+                     settings.drain_timeout,
+                     extra={"worker_id": state.worker_id, "generation": state.generation})
+            state.begin_drain(settings.drain_timeout)
+            threading.Thread(
+                target=_watchdog, args=(state, settings.drain_timeout + WATCHDOG_GRACE),
+                name="spectral-drain-watchdog", daemon=True,
+            ).start()
+        else:
+            log.warning("%s again: cancelling everything", name,
+                        extra={"worker_id": state.worker_id})
+            exit.code = EXIT_SECOND_SIGNAL
+            root.cancel()
+            return
+
+
+async def run_workers(
+    app: App, settings: Settings, store: Store, state: RuntimeState,
+    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start the worker actors in order; return once drained."""
+    policy = RetryPolicy(settings.max_attempts, settings.retry_base, settings.retry_max)
+    turns = TurnRunner(app, store, state, handler_max=settings.handler_max, policy=policy,
+                       max_payload_bytes=settings.max_payload_bytes)
+    claimer = Claimer(
+        store, state, turns, concurrency=settings.concurrency, batch_size=settings.batch_size,
+        claim_ttl=settings.claim_ttl, poll_interval=settings.poll_interval,
+        reconnect_budget=settings.reconnect_budget,
+    )
+    async with trio.open_nursery() as background:
+        await background.start(
+            Heartbeat(store, state, interval=settings.heartbeat_interval,
+                      reconnect_budget=settings.reconnect_budget,
+                      environment=settings.environment, service=app.service).run
+        )
+        await background.start(
+            OutboxListener(store, state, reconnect_budget=settings.reconnect_budget).listen
+        )
+        await background.start(Reaper(store, state, interval=settings.reap_interval).run)
+        for spec in app.actors:
+            await background.start(
+                ActorSupervisor(spec, store, state,
+                                max_payload_bytes=settings.max_payload_bytes).run
+            )
+        async with trio.open_nursery() as claiming:
+            await claiming.start(claimer.run)
+            task_status.started()
+            log.info("spectral ready", extra={
+                "worker_id": state.worker_id, "generation": state.generation,
+                "service": app.service, "handlers": len(app.handlers), "pid": os.getpid(),
+            })
+        # The claimer returned: drained, its turns done and acknowledged. Stop the rest
+        # (the heartbeat marks the worker 'exited' on its way out).
+        background.cancel_scope.cancel()
+    log.info("drained; exiting", extra={"worker_id": state.worker_id,
+                                        "acked": state.counters.acked})
+
+
+async def serve(app: App, settings: Settings, url: str) -> int:
+    """Run the workers until drained or signalled twice; returns the exit code."""
+    settings.validate_runtime()
+    app.check(settings.handler_max)
+    exit = _Exit()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_database(url, pool_size=settings.pool_size) as store:
+            await ensure_schema(url, settings)
+            generation = await resolve_generation(store, settings)
+            state = RuntimeState(make_worker_id(), generation)
+            async with trio.open_nursery() as root:
+                root.start_soon(_watch_signals, signals, state, settings, root.cancel_scope, exit)
+                await run_workers(app, settings, store, state)
+                root.cancel_scope.cancel()
+    return exit.code

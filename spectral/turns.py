@@ -1,0 +1,202 @@
+"""One turn: every pending handler of one claimed row, and the outcome to settle.
+
+A turn runs inside a cancel scope bounded by HANDLER_MAX; each handler also by its own
+timeout. Handlers of one row run one after another, each in its own transaction with its
+own ledger row, so a retried row never re-runs a handler that already succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from .app import App, HandlerSpec
+from .db import ClaimedRow, Settlement, TurnTx
+from .errors import AlreadyHandledError, ClaimLostError
+from .events import Event
+from .state import InFlight, RuntimeState
+from .tx import Tx
+
+log = logging.getLogger("spectral.turn")
+
+#: Longest last_error stored on a row, in characters.
+MAX_ERROR_LENGTH = 2000
+
+
+class TurnStore(Protocol):
+    async def open_turn(self, event_id: int, token: uuid.UUID, handler: str) -> TurnTx: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed row runs again, and when it becomes DEAD."""
+
+    max_attempts: int = 10
+    base: float = 1.0  # seconds before the first retry
+    cap: float = 600.0  # longest delay, seconds
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Exponential backoff with equal jitter for the retry after ``attempt``."""
+        step = min(self.cap, self.base * (2 ** max(0, attempt - 1)))
+        return step / 2 + rng.uniform(0, step / 2)
+
+    def limit(self, handlers: list[HandlerSpec]) -> int:
+        return min((h.max_attempts or self.max_attempts) for h in handlers)
+
+
+@dataclass
+class Outcome:
+    """What a turn decided for its row; the claimer's settler writes it in a batch."""
+
+    row: ClaimedRow
+    kind: str  # "ack", "fail", "release" or "lost"
+    ledger: list[tuple[str, int]] = field(default_factory=list)
+    error: str | None = None
+    dead: bool = False
+    reason: str | None = None
+    delay: float = 0.0
+    charge: bool = False
+
+    def add_to(self, batch: Settlement) -> None:
+        batch.ledger.extend(self.ledger)
+        r = self.row
+        if self.kind == "ack":
+            batch.ack.append((r.id, r.token))
+        elif self.kind == "fail":
+            batch.fail.append((r.id, r.token, self.delay, self.error or "", self.dead, self.reason))
+        elif self.kind == "release":
+            batch.release.append((r.id, r.token, self.charge, self.error))
+
+
+def describe(exc: BaseException) -> str:
+    """A failure as stored in last_error: the exception line and the innermost frames."""
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = " <- ".join(f"{f.name} ({f.filename.rsplit('/', 1)[-1]}:{f.lineno})" for f in reversed(frames))
+    text = f"{type(exc).__name__}: {exc}"
+    if where:
+        text = f"{text} at {where}"
+    return text[:MAX_ERROR_LENGTH]
+
+
+class TurnRunner:
+    """Runs turns for one worker process."""
+
+    def __init__(
+        self, app: App, store: TurnStore, state: RuntimeState, *, handler_max: float,
+        policy: RetryPolicy, max_payload_bytes: int, rng: random.Random | None = None,
+    ) -> None:
+        self._app = app
+        self._store = store
+        self._state = state
+        self._handler_max = handler_max
+        self._policy = policy
+        self._max_payload_bytes = max_payload_bytes
+        self._rng = rng or random.Random()
+
+    def _log(self, level: int, msg: str, row: ClaimedRow, **extra: object) -> None:
+        log.log(level, msg, extra={"worker_id": self._state.worker_id,
+                                   "generation": row.generation, "event_id": row.id,
+                                   "topic": row.topic, **extra})
+
+    async def run(self, row: ClaimedRow) -> Outcome:
+        """Run the row's pending handlers and decide its outcome.
+
+        Cancellation: a cancellation from outside (the drain deadline, or shutdown) rolls
+        back the open transaction and returns a ``release`` outcome that charges no
+        attempt; the caller settles it and re-raises.
+        """
+        handlers = self._app.handlers_for(row.topic)
+        if not handlers:
+            reason = f"no handler for topic {row.topic!r} in generation {row.generation}"
+            self._log(logging.WARNING, "dead: no handler", row)
+            return Outcome(row, "fail", error=reason, dead=True, reason="no handler")
+        pending = [h for h in handlers if h.name not in row.handled]
+        if not pending:
+            return Outcome(row, "ack")
+        attempt = row.attempts + 1
+        limit = self._policy.limit(pending)
+        if attempt > limit:
+            # Reaped again and again: the turn kills its worker or outlives its claim.
+            reason = f"exceeded {limit} attempts"
+            self._log(logging.WARNING, "dead: attempts exhausted before running", row)
+            return Outcome(row, "fail", error=f"{reason}; previous runs never acknowledged",
+                           dead=True, reason=reason)
+        event = Event(row.id, row.topic, row.payload, row.generation, attempt, row.created_at,
+                      row.handled)
+        ledger: list[tuple[str, int]] = []
+        failures: list[tuple[HandlerSpec, str]] = []
+        with trio.CancelScope(deadline=trio.current_time() + self._handler_max) as turn_scope:
+            for spec in pending:
+                failure = await self._run_handler(spec, event, row, ledger)
+                if failure == "lost":
+                    self._log(logging.WARNING, "claim lost during the turn; nothing applied",
+                              row, handler=spec.name)
+                    return Outcome(row, "lost", ledger=ledger)
+                if failure is not None:
+                    failures.append((spec, failure))
+        if turn_scope.cancelled_caught:
+            done = {name for name, _ in ledger}
+            for spec in pending:
+                if spec.name not in done and spec not in [f[0] for f in failures]:
+                    failures.append(
+                        (spec, f"{spec.name}: exceeded SPECTRAL_HANDLER_MAX ({self._handler_max:g}s)")
+                    )
+        if not failures:
+            self._log(logging.DEBUG, "ack", row)
+            return Outcome(row, "ack", ledger=ledger)
+        failed_specs = [f[0] for f in failures]
+        error = "; ".join(f[1] for f in failures)[:MAX_ERROR_LENGTH]
+        dead = attempt >= self._policy.limit(failed_specs)
+        if dead:
+            reason = f"failed {attempt} of {self._policy.limit(failed_specs)} attempts"
+            self._log(logging.WARNING, "dead", row, attempt=attempt, error=error)
+            return Outcome(row, "fail", ledger=ledger, error=error, dead=True, reason=reason)
+        delay = self._policy.delay(attempt, self._rng)
+        self._log(logging.INFO, "retry", row, attempt=attempt, delay=round(delay, 3), error=error)
+        return Outcome(row, "fail", ledger=ledger, error=error, delay=delay)
+
+    async def _run_handler(
+        self, spec: HandlerSpec, event: Event, row: ClaimedRow, ledger: list[tuple[str, int]]
+    ) -> str | None:
+        """Run one handler; returns None on success, 'lost', or a failure description.
+
+        Successful handlers that opened no transaction are appended to ``ledger`` (their
+        ledger rows are written with the acknowledgement).
+        """
+        turn = await self._store.open_turn(row.id, row.token, spec.name)
+        tx = Tx(turn, self._state.generation, self._max_payload_bytes)
+        key = (row.id, spec.name)
+        self._state.in_flight[key] = InFlight(row.id, row.topic, spec.name, time.monotonic())
+        try:
+            timeout = spec.timeout if spec.timeout is not None else self._handler_max
+            with trio.move_on_after(timeout) as handler_scope:
+                await spec.fn(event, tx)
+            if handler_scope.cancelled_caught:
+                await turn.rollback()
+                return f"{spec.name}: timed out after {timeout:g}s"
+            if turn.opened:
+                await turn.commit()
+            else:
+                ledger.append((spec.name, row.id))
+            return None
+        except AlreadyHandledError:
+            await turn.rollback()
+            return None
+        except ClaimLostError:
+            await turn.rollback()
+            return "lost"
+        except trio.Cancelled:
+            await turn.rollback()
+            raise
+        except Exception as exc:
+            await turn.rollback()
+            return f"{spec.name}: {describe(exc)}"
+        finally:
+            self._state.in_flight.pop(key, None)
