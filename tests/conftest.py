@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from spectral.db import Store, open_database
+
+from .pg import Server
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    server = Server()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def db_url(pg_server: Server) -> Iterator[str]:
+    """A fresh, migrated database for this test (dropped afterwards)."""
+    url = pg_server.fresh()
+    yield url
+    pg_server.drop(url)
+
+
+@pytest.fixture
+def empty_db_url(pg_server: Server) -> Iterator[str]:
+    """A fresh database with no core schema."""
+    url = pg_server.fresh(migrated=False)
+    yield url
+    pg_server.drop(url)
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    async with open_database(db_url, pool_size=4) as s:
+        yield s
