@@ -6,7 +6,7 @@ import inspect
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from .config import TOPIC_MAX_LENGTH, TOPIC_RE
 from .errors import ConfigurationError
@@ -111,9 +111,17 @@ class App:
 
         return register
 
+    @overload
+    def actor(self, fn: ActorFn, *, name: str | None = None) -> ActorFn: ...
+
+    @overload
+    def actor(
+        self, fn: None = None, *, name: str | None = None
+    ) -> Callable[[ActorFn], ActorFn]: ...
+
     def actor(
         self, fn: ActorFn | None = None, *, name: str | None = None
-    ) -> Any:
+    ) -> ActorFn | Callable[[ActorFn], ActorFn]:
         """Register a long-running actor ``async def fn(ctx)`` (usable with or without args)."""
 
         def register(actor_fn: ActorFn) -> ActorFn:

@@ -27,6 +27,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import trio
@@ -120,10 +121,10 @@ def _watchdog(state: RuntimeState, seconds: float) -> None:
 
 
 async def _watch_signals(
-    signals: trio.abc.AsyncIterator[int] | object, state: RuntimeState, settings: Settings,
+    signals: AsyncIterator[int], state: RuntimeState, settings: Settings,
     root: trio.CancelScope, exit: _Exit,
 ) -> None:
-    async for signum in signals:  # type: ignore[union-attr]
+    async for signum in signals:
         name = signal.Signals(signum).name
         if not state.draining.is_set():
             log.info("%s: draining (stop claiming; %.0fs for in-flight turns)", name,

@@ -58,10 +58,10 @@ class RuntimeState:
         """Tell the claimer there may be work (NOTIFY, reconnect, reconciler)."""
         self._wake.set()
 
-    async def wait_for_work(self, timeout: float) -> bool:
-        """Wait for a wake-up, the drain or ``timeout`` seconds; True if woken."""
+    async def wait_for_work(self, seconds: float) -> bool:
+        """Wait for a wake-up, the drain or ``seconds``; True if woken."""
         woken = False
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(seconds):
             async with trio.open_nursery() as nursery:
 
                 async def drained() -> None:
@@ -94,8 +94,8 @@ class RuntimeState:
             self.recovered = True
             self._health_changed.set()
 
-    async def wait_health_changed(self, timeout: float) -> None:
-        with trio.move_on_after(timeout):
+    async def wait_health_changed(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
             await self._health_changed.wait()
         self._health_changed = trio.Event()
 

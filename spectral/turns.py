@@ -17,6 +17,7 @@ from typing import Protocol
 
 import trio
 
+from .actors._backoff import backoff_delay
 from .app import App, HandlerSpec
 from .db import ClaimedRow, Settlement, TurnTx
 from .errors import AlreadyHandledError, ClaimLostError
@@ -44,8 +45,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Exponential backoff with equal jitter for the retry after ``attempt``."""
-        step = min(self.cap, self.base * (2 ** max(0, attempt - 1)))
-        return step / 2 + rng.uniform(0, step / 2)
+        return backoff_delay(attempt, self.base, self.cap, rng)
 
     def limit(self, handlers: list[HandlerSpec]) -> int:
         return min((h.max_attempts or self.max_attempts) for h in handlers)

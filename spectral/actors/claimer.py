@@ -12,6 +12,7 @@ import math
 from typing import Protocol
 
 import trio
+import trio.lowlevel
 
 from ..db import ClaimedRow, Settled, Settlement
 from ..errors import DatabaseError, DatabaseUnavailableError
@@ -143,7 +144,7 @@ class Claimer:
                 self._state.counters.polls += 1
                 await self._state.wait_for_work(self._poll_interval)
             else:
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
 
     async def _wait_for_slot(self) -> None:
         # Bounded so the loop notices the drain while every slot is busy.

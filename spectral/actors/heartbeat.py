@@ -32,7 +32,8 @@ class Heartbeat:
 
     It writes every ``interval`` seconds and at once when a consumer goes down or comes
     back, so the row shows ``reconnecting`` for an outage as soon as it can be written,
-    keeps it for a moment (up to 1 s) after every consumer is back, then ``running``. It uses a dedicated connection, outside the pool handlers use.
+    keeps it for a moment (up to 1 s) after every consumer is back, then ``running``.
+    It uses a dedicated connection, outside the pool handlers use.
     """
 
     def __init__(

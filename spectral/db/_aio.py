@@ -8,11 +8,10 @@ runs it even when the trio caller is cancelled. Driver errors leave translated.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
-
-import asyncio
 
 import asyncpg
 
@@ -37,9 +36,9 @@ async def create_pool(url: str, min_size: int, max_size: int) -> asyncpg.Pool:
     )
 
 
-async def close_pool(pool: asyncpg.Pool, timeout: float) -> None:
+async def close_pool(pool: asyncpg.Pool, seconds: float) -> None:
     try:
-        await asyncio.wait_for(pool.close(), timeout)
+        await asyncio.wait_for(pool.close(), seconds)
     except Exception:
         pool.terminate()
 
@@ -51,9 +50,9 @@ async def connect(url: str, application_name: str) -> asyncpg.Connection:
     )
 
 
-async def close_connection(conn: asyncpg.Connection, timeout: float) -> None:
+async def close_connection(conn: asyncpg.Connection, seconds: float) -> None:
     try:
-        await asyncio.wait_for(conn.close(), timeout)
+        await asyncio.wait_for(conn.close(), seconds)
     except Exception:
         conn.terminate()
 

@@ -60,20 +60,18 @@ def start(data_dir: Path) -> EmbeddedServer:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless.
             warnings.simplefilter("ignore")
-            import pgserver
+            import pgserver  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
-        pgserver = None
-    if pgserver is not None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                server = pgserver.get_server(pgdata, cleanup_mode=None)
-            return EmbeddedServer(pgdata, server.get_uri(database="postgres"), "pgserver")
-        except Exception as exc:
-            raise EmbeddedServerError(
-                f"the embedded PostgreSQL failed to start under {pgdata} ({exc}); {_HOW_TO}"
-            ) from None
-    return _start_from_path(pgdata)
+        return _start_from_path(pgdata)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server = pgserver.get_server(pgdata, cleanup_mode=None)  # type: ignore[attr-defined,unused-ignore]
+        return EmbeddedServer(pgdata, server.get_uri(database="postgres"), "pgserver")
+    except Exception as exc:
+        raise EmbeddedServerError(
+            f"the embedded PostgreSQL failed to start under {pgdata} ({exc}); {_HOW_TO}"
+        ) from None
 
 
 def _start_from_path(pgdata: Path) -> EmbeddedServer:

@@ -134,11 +134,11 @@ class Store:
         ]
 
     async def settle(self, batch: Settlement) -> Settled:
-        acked, failed, released = await hop(
-            _aio.settle, self._pool,
+        columns: tuple[Any, ...] = (
             _columns(batch.ledger, 2), _columns(batch.ack, 2), _columns(batch.fail, 6),
             _columns(batch.release, 4),
         )
+        acked, failed, released = await hop(_aio.settle, self._pool, *columns)
         return Settled(acked, failed, released)
 
     async def reap(self, limit: int) -> list[tuple[int, int, str | None]]:
