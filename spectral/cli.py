@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -58,10 +59,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spectral {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", parents=[settings], help="run the workers (the demo app by default)")
+    run = sub.add_parser(
+        "run", parents=[settings], help="run the workers and the HTTP server (default: the demo app)"
+    )
     run.add_argument("app", nargs="?", default=DEMO_APP, help=f"MODULE:APP (default {DEMO_APP})")
-    worker = sub.add_parser("worker", parents=[settings], help="run the workers only")
+    worker = sub.add_parser("worker", parents=[settings], help="run the workers only (no HTTP)")
     worker.add_argument("app", help="MODULE:APP")
+    api = sub.add_parser("api", parents=[settings], help="serve HTTP only (no workers)")
+    api.add_argument("app", help="MODULE:APP")
 
     sub.add_parser("migrate", parents=[settings], help="apply pending migrations of the core schema")
 
@@ -131,7 +136,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings, url: str) -> int:
     from .runtime import serve
 
     app = load_app(args.app)
-    return trio.run(serve, app, settings, url)
+    workers = args.command in ("run", "worker")
+    http = args.command in ("run", "api")
+    return trio.run(functools.partial(serve, app, settings, url, workers=workers, http=http))
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings, url: str) -> int:
@@ -258,6 +265,7 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, str], int]] = {
     "run": cmd_run,
     "worker": cmd_run,
+    "api": cmd_run,
     "migrate": cmd_migrate,
     "publish": cmd_publish,
     "requeue": cmd_requeue,

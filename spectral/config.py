@@ -21,7 +21,9 @@ from .errors import ConfigurationError
 #: Topics: dot-separated segments of letters, digits, ``_`` and ``-``; 1 to 128 characters.
 TOPIC_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$"
 TOPIC_MAX_LENGTH = 128
-TOPIC_RE = re.compile(TOPIC_PATTERN)
+# Python's "$" also matches before a trailing newline ("a.b\n" would pass); PostgreSQL's
+# does not. "\Z" holds Python to the database's rule.
+TOPIC_RE = re.compile(TOPIC_PATTERN.removesuffix("$") + r"\Z")
 
 ENVIRONMENTS = ("development", "test", "staging", "production")
 
@@ -80,6 +82,26 @@ def _url(raw: str) -> str | None:
     if not raw.startswith(("postgres://", "postgresql://")):
         raise ValueError("must start with postgresql:// or postgres://")
     return raw
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return value
+
+
+def _token(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if len(value) < 16:
+        raise ValueError("must be at least 16 characters")
+    return value
+
+
+def _optional_path(raw: str) -> Path | None:
+    return Path(raw) if raw.strip() else None
 
 
 def _setting(
@@ -164,6 +186,25 @@ class Settings:
     retry_max: float = _setting(
         "SPECTRAL_RETRY_MAX", 600.0, _seconds, "longest retry delay in seconds",
     )
+    http_host: str = _setting(
+        "SPECTRAL_HTTP_HOST", "127.0.0.1", str, "address the HTTP server binds",
+    )
+    http_port: int = _setting(
+        "SPECTRAL_HTTP_PORT", 8080, _port, "HTTP port; 0 picks a free one (the log names it)",
+    )
+    detail_token: str | None = _setting(
+        "SPECTRAL_DETAIL_TOKEN", None, _token,
+        "bearer token for GET /version/detail; unset (and no token file) means 404",
+        secret=True,
+    )
+    detail_token_file: Path | None = _setting(
+        "SPECTRAL_DETAIL_TOKEN_FILE", None, _optional_path,
+        "file holding the /version/detail token (read at start)",
+    )
+    version_file: Path = _setting(
+        "SPECTRAL_VERSION_FILE", Path("/app/version.json"), Path,
+        "version.json written at build time; missing: computed from the working tree",
+    )
     log_format: str = _setting(
         "SPECTRAL_LOG_FORMAT", "text", _log_format, "log lines as 'text' or 'json'",
     )
@@ -226,11 +267,32 @@ class Settings:
                 values[f.name] = meta["parse"](raw)
             except ValueError as exc:
                 shown = "<redacted>" if meta["secret"] else repr(raw)
-                reason = str(exc) if not meta["secret"] else "is not a PostgreSQL URL"
+                reason = str(exc)  # our parsers' messages never echo the value
                 if "invalid literal" in reason or "could not convert" in reason:
                     reason = "is not a number"
                 raise ConfigurationError(f"{source}: {reason} (got {shown})") from None
         return cls(**values)
+
+    def resolved_detail_token(self) -> str | None:
+        """The /version/detail token: the variable, else the token file's first line.
+
+        Raises:
+            ConfigurationError: the token file cannot be read or holds a short token.
+        """
+        if self.detail_token:
+            return self.detail_token
+        if self.detail_token_file is None:
+            return None
+        try:
+            text = self.detail_token_file.read_text("utf-8").strip()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"SPECTRAL_DETAIL_TOKEN_FILE: cannot read {self.detail_token_file} ({exc.strerror})"
+            ) from None
+        try:
+            return _token(text)
+        except ValueError as exc:
+            raise ConfigurationError(f"SPECTRAL_DETAIL_TOKEN_FILE: the token {exc}") from None
 
     def with_changes(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

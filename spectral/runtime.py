@@ -34,6 +34,7 @@ import trio
 
 from .actors.claimer import Claimer
 from .actors.heartbeat import Heartbeat
+from .actors.http import HttpServer
 from .actors.listener import OutboxListener
 from .actors.reaper import Reaper
 from .actors.user import ActorSupervisor
@@ -41,8 +42,11 @@ from .app import App
 from .config import Settings
 from .db import Store, applied_versions, migrate, open_database, shipped
 from .errors import ConfigurationError, NoGenerationError, SchemaNotReadyError
+from .metrics import Metrics
+from .observe import OBSERVE, QueueSnapshot
 from .state import RuntimeState
 from .turns import RetryPolicy, TurnRunner
+from .version import load as load_version
 
 log = logging.getLogger("spectral.runtime")
 
@@ -174,29 +178,57 @@ async def run_workers(
         async with trio.open_nursery() as claiming:
             await claiming.start(claimer.run)
             task_status.started()
-            log.info("spectral ready", extra={
-                "worker_id": state.worker_id, "generation": state.generation,
-                "service": app.service, "handlers": len(app.handlers), "pid": os.getpid(),
-            })
-        # The claimer returned: drained, its turns done and acknowledged. Stop the rest
-        # (the heartbeat marks the worker 'exited' on its way out).
         background.cancel_scope.cancel()
-    log.info("drained; exiting", extra={"worker_id": state.worker_id,
-                                        "acked": state.counters.acked})
+    log.info("drained", extra={"worker_id": state.worker_id, "acked": state.counters.acked})
+    state.stopped.set()
 
 
-async def serve(app: App, settings: Settings, url: str) -> int:
-    """Run the workers until drained or signalled twice; returns the exit code."""
-    settings.validate_runtime()
+async def _api_only(state: RuntimeState) -> None:
+    await state.draining.wait()
+    state.stopped.set()
+
+
+async def serve(
+    app: App, settings: Settings, url: str, *, workers: bool = True, http: bool = True
+) -> int:
+    """Run the workers and/or the HTTP server until drained; returns the exit code."""
+    if workers:
+        settings.validate_runtime()
     app.check(settings.handler_max)
+    token = settings.resolved_detail_token()
+    version = load_version(settings.version_file)
     exit = _Exit()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_database(url, pool_size=settings.pool_size) as store:
             await ensure_schema(url, settings)
             generation = await resolve_generation(store, settings)
             state = RuntimeState(make_worker_id(), generation)
+            snapshot = QueueSnapshot(store, stale_after=settings.heartbeat_stale_after)
+            metrics = Metrics(state, snapshot)
             async with trio.open_nursery() as root:
                 root.start_soon(_watch_signals, signals, state, settings, root.cancel_scope, exit)
-                await run_workers(app, settings, store, state)
+                async with trio.open_nursery() as serving:
+                    if workers:
+                        await serving.start(run_workers, app, settings, store, state)
+                    else:
+                        serving.start_soon(_api_only, state)
+                    binds: list[str] = []
+                    if http:
+                        deployed_at = await store.fetchval(OBSERVE.deployed_at, generation)
+                        server = HttpServer(
+                            state=state, snapshot=snapshot, metrics=metrics, version=version,
+                            service=app.service, environment=settings.environment,
+                            deployed_at=None if deployed_at is None else deployed_at.isoformat(),
+                            detail_token=token, host=settings.http_host, port=settings.http_port,
+                            drain_budget=settings.drain_timeout, workers=workers,
+                            schema_version=len(shipped()),
+                        )
+                        binds = await serving.start(server.run)
+                    log.info("spectral ready", extra={
+                        "worker_id": state.worker_id, "generation": generation,
+                        "service": app.service, "handlers": len(app.handlers) if workers else 0,
+                        "http": " ".join(binds) or None, "pid": os.getpid(),
+                    })
                 root.cancel_scope.cancel()
+    log.info("exiting", extra={"exit_code": exit.code})
     return exit.code

@@ -8,7 +8,9 @@ surface and tests read it. Everything here is trio-thread only, except
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -49,6 +51,11 @@ class RuntimeState:
     down: set[str] = field(default_factory=set)  # consumers reconnecting now
     recovered: bool = False  # a reconnect happened since the last beat was written
     in_flight: dict[tuple[int, str], InFlight] = field(default_factory=dict)
+    turn_observer: Callable[[float, float], None] | None = None  # (turn s, due-to-done s)
+    stopped: trio.Event = field(default_factory=trio.Event)  # workers done; HTTP may stop
+    last_beat: float | None = None  # time.monotonic() of the last heartbeat written
+    last_reap: float | None = None  # time.monotonic() of the reaper's last pass
+    reconcile: dict[str, Any] | None = None  # the reconciler's settings and last pass
     _wake: trio.Event = field(default_factory=trio.Event)
     _health_changed: trio.Event = field(default_factory=trio.Event)
 

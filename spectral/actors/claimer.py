@@ -81,6 +81,7 @@ class Claimer:
         return len(rows)
 
     async def _turn(self, row: ClaimedRow) -> None:
+        started = trio.current_time()
         try:
             outcome = await self._turns.run(row)
         except trio.Cancelled:
@@ -92,6 +93,9 @@ class Claimer:
         finally:
             self._slots.release()
         self._send.send_nowait(outcome)
+        if self._state.turn_observer is not None:
+            duration = trio.current_time() - started
+            self._state.turn_observer(duration, row.wait_seconds + duration)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Claim and run turns until the drain, then finish and return.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any, NoReturn, Protocol
 
 import trio
@@ -80,6 +81,7 @@ class Heartbeat:
             await conn.aclose()
             raise
         self.beats += 1
+        self._state.last_beat = time.monotonic()
         return written
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import NoReturn, Protocol
 
 import trio
@@ -49,6 +50,7 @@ class Reaper:
             if len(rows) < REAP_BATCH:
                 break
         self.passes += 1
+        self._state.last_reap = time.monotonic()
         self._state.counters.reaped += total
         if total:
             self._state.wake()

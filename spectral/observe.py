@@ -1,0 +1,79 @@
+"""Cached views of the queue for the HTTP surface and metrics.
+
+Requests never query the database themselves: they read a snapshot at most
+``max_age`` seconds old, refreshed by one query set at a time however many requests
+arrive, so a flood of scrapes costs the database nothing extra.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import trio
+
+from .db._queries import Queries
+from .errors import DatabaseError
+
+log = logging.getLogger("spectral.observe")
+
+OBSERVE = Queries("observe.sql")
+
+
+class ObserveStore(Protocol):
+    async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]: ...
+    async def fetchval(self, sql: str, *args: Any) -> Any: ...
+    async def outbox_counts(self) -> list[dict[str, Any]]: ...
+    async def latest_deployments(self, limit: int = 5) -> list[dict[str, Any]]: ...
+
+
+class QueueSnapshot:
+    """The outbox by generation x status, workers by generation, the deployments head."""
+
+    def __init__(self, store: ObserveStore, *, stale_after: float, max_age: float = 2.0) -> None:
+        self._store = store
+        self._stale_after = stale_after
+        self._max_age = max_age
+        self._lock = trio.Lock()
+        self._at = -float("inf")
+        self.data: dict[str, Any] = {}
+        self.error: str | None = None
+        self.schema_version: int | None = None
+
+    @property
+    def database_ok(self) -> bool:
+        return self.error is None and bool(self.data)
+
+    async def get(self) -> dict[str, Any]:
+        """The snapshot, refreshed first when older than ``max_age``."""
+        if trio.current_time() - self._at > self._max_age:
+            async with self._lock:
+                if trio.current_time() - self._at > self._max_age:
+                    await self.refresh()
+        return self.data
+
+    async def refresh(self) -> None:
+        try:
+            outbox = await self._store.outbox_counts()
+            workers = await self._store.fetch(OBSERVE.workers_by_generation, self._stale_after)
+            deployments = await self._store.latest_deployments(1)
+            self.schema_version = int(await self._store.fetchval(OBSERVE.schema_version))
+        except DatabaseError as exc:
+            self.error = str(exc)
+            self._at = trio.current_time()
+            log.warning("queue snapshot failed: %s", exc)
+            return
+        self.error = None
+        self._at = trio.current_time()
+        self.data = {
+            "outbox": [
+                {"generation": r["generation"], "status": r["status"], "count": r["n"]}
+                for r in outbox
+            ],
+            "workers": [
+                {"generation": r["generation"], "state": r["state"], "count": r["n"],
+                 "stale": r["stale"], "most_recent_beat": r["most_recent_beat"].isoformat()}
+                for r in workers
+            ],
+            "deployments_head": deployments[0]["generation"] if deployments else None,
+        }
