@@ -61,13 +61,19 @@ class Spectral:
 
     def wait(self, timeout: float = 60.0) -> int:
         code = self.proc.wait(timeout)
-        self._reader.join(5)
+        self._close()
         return code
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        self._close()
+
+    def _close(self) -> None:
+        self._reader.join(5)
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
 
     def __enter__(self) -> Spectral:
         return self
