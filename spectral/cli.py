@@ -29,6 +29,7 @@ from .errors import (
     SpectralError,
 )
 from .events import check_topic, encode_payload
+from .verdicts import verdicts
 
 DEMO_APP = "spectral.demo:app"
 USER_ERRORS = (ConfigurationError, InvalidEventError, AppLoadError, NoGenerationError,
@@ -220,21 +221,27 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
             }
 
     view = trio.run(main)
+    judged = verdicts(view["deployments"], view["workers"], view["outbox"],
+                      settings.heartbeat_stale_after)
     if args.json:
+        view["verdicts"] = [v.as_dict() for v in judged]
         _print(json.dumps(view, default=str, indent=2))
         return 0
     _print("deployments (newest first):")
     for d in view["deployments"]:
         _print(f"  gen {d['generation']:>4}  {d['deployed_at']:%Y-%m-%d %H:%M:%S}  "
                f"{d['reference']}  {d['tag'] or ''}  {d['deployed_by'] or ''}".rstrip())
-    _print("workers:")
+    _print("workers (most recent beat first):")
     for w in view["workers"]:
         flag = "  STALE" if w["stale"] else ""
         _print(f"  gen {w['generation']:>4}  {w['state']:<12} last_seen "
-               f"{w['last_seen']:%H:%M:%S}  {w['worker_id']}{flag}")
+               f"{w['last_seen']:%Y-%m-%d %H:%M:%S}  {w['worker_id']}{flag}")
     _print("outbox (generation x status):")
     for row in view["outbox"]:
         _print(f"  gen {row['generation']:>4}  {row['status']:<8} {row['n']}")
+    _print("verdicts:")
+    for v in judged:
+        _print(f"  [{'ok' if v.ok else '!!'}] {v.message}")
     return 0
 
 
