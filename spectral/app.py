@@ -6,6 +6,7 @@ import inspect
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, overload
 
 from .config import TOPIC_MAX_LENGTH, TOPIC_RE
@@ -15,6 +16,9 @@ if TYPE_CHECKING:
     from .actors.user import ActorContext
     from .events import Event
     from .tx import Tx
+
+#: The reconciler's own sweeps; user sweeps may not take these names.
+BUILTIN_SWEEPS = ("lost_wakeups", "orphaned_claims", "retired_generations", "stale_workers")
 
 HandlerFn = Callable[["Event", "Tx"], Awaitable[None]]
 ActorFn = Callable[["ActorContext"], Awaitable[None]]
@@ -47,6 +51,23 @@ class ActorSpec:
     fn: ActorFn = field(repr=False)
 
 
+SweepFn = Callable[["Tx", datetime], Awaitable[int]]
+UnblockHook = Callable[[str, int, list[int]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A user reconcile sweep: ``async def fn(tx, cutoff) -> int`` (items unblocked).
+
+    ``cutoff`` is the database clock minus the sweep's grace: items older than it and
+    still waiting are stuck. ``fn`` runs in its own transaction each reconcile pass.
+    """
+
+    name: str
+    fn: SweepFn = field(repr=False)
+    grace: float | None = None
+
+
 def _qualified_name(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
 
@@ -71,6 +92,8 @@ class App:
         self._handlers: dict[str, HandlerSpec] = {}
         self._by_topic: dict[str, list[HandlerSpec]] = {}
         self._actors: dict[str, ActorSpec] = {}
+        self._sweeps: dict[str, SweepSpec] = {}
+        self.unblock_hook: UnblockHook | None = None
 
     def handler(
         self,
@@ -136,6 +159,36 @@ class App:
             return actor_fn
 
         return register(fn) if fn is not None else register
+
+    def sweep(self, name: str, *, grace: float | None = None) -> Callable[[SweepFn], SweepFn]:
+        """Register an application reconcile sweep, run by the reconciler every pass.
+
+        ``grace`` (seconds) defaults to SPECTRAL_RECONCILE_GRACE.
+        """
+        if not name or not isinstance(name, str):
+            raise ConfigurationError("@app.sweep: a name is required")
+        if grace is not None and not (isinstance(grace, int | float) and 0 <= grace < math.inf):
+            raise ConfigurationError(f"@app.sweep: grace must be >= 0 seconds, got {grace!r}")
+
+        def register(fn: SweepFn) -> SweepFn:
+            if not inspect.iscoroutinefunction(fn):
+                raise ConfigurationError(f"@app.sweep: {_qualified_name(fn)} must be 'async def'")
+            if name in self._sweeps or name in BUILTIN_SWEEPS:
+                raise ConfigurationError(f"@app.sweep: a sweep named {name!r} exists")
+            self._sweeps[name] = SweepSpec(name, fn, grace)
+            return fn
+
+        return register
+
+    def on_unblock(self, fn: UnblockHook) -> UnblockHook:
+        """Register ``async def hook(sweep, count, ids)``, called for unblocked items when
+        SPECTRAL_RECONCILE_NOTIFY_UNBLOCK is on."""
+        self.unblock_hook = fn
+        return fn
+
+    @property
+    def sweeps(self) -> list[SweepSpec]:
+        return list(self._sweeps.values())
 
     def handlers_for(self, topic: str) -> list[HandlerSpec]:
         return self._by_topic.get(topic, [])

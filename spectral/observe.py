@@ -25,6 +25,7 @@ class ObserveStore(Protocol):
     async def fetchval(self, sql: str, *args: Any) -> Any: ...
     async def outbox_counts(self) -> list[dict[str, Any]]: ...
     async def latest_deployments(self, limit: int = 5) -> list[dict[str, Any]]: ...
+    async def last_reconcile_pass(self) -> dict[str, Any] | None: ...
 
 
 class QueueSnapshot:
@@ -58,6 +59,7 @@ class QueueSnapshot:
             workers = await self._store.fetch(OBSERVE.workers_by_generation, self._stale_after)
             deployments = await self._store.latest_deployments(1)
             self.schema_version = int(await self._store.fetchval(OBSERVE.schema_version))
+            last_pass = await self._store.last_reconcile_pass()
         except DatabaseError as exc:
             self.error = str(exc)
             self._at = trio.current_time()
@@ -76,4 +78,14 @@ class QueueSnapshot:
                 for r in workers
             ],
             "deployments_head": deployments[0]["generation"] if deployments else None,
+            "last_reconcile_pass": None if last_pass is None else {
+                "worker_id": last_pass["worker_id"],
+                "started_at": last_pass["started_at"].isoformat(),
+                "finished_at": None if last_pass["finished_at"] is None
+                else last_pass["finished_at"].isoformat(),
+                "duration_seconds": None if last_pass["finished_at"] is None else round(
+                    (last_pass["finished_at"] - last_pass["started_at"]).total_seconds(), 4),
+                "unblocked": last_pass["unblocked"],
+                "errors": last_pass["errors"],
+            },
         }

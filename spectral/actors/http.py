@@ -169,7 +169,9 @@ class HttpServer:
                 "in_flight": len(self._state.in_flight),
                 "listener": self._listener() if self._workers else None,
                 "database": "ok" if self._snapshot.database_ok else self._snapshot.error,
-                "reconcile": self._state.reconcile,
+                "reconcile": None if self._state.reconcile is None else {
+                    **self._state.reconcile, "last_pass": snap.get("last_reconcile_pass"),
+                },
             }
 
         @app.get("/metrics")

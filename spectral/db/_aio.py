@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from ._errors import translated
-from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, WORKERS
+from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
 
 Record = Any  # asyncpg.Record; the trio side copies what it needs into its own types
 
@@ -157,7 +157,7 @@ async def _run(conn: asyncpg.Connection, mode: str, sql: str, args: Sequence[Any
 @translated
 async def turn_begin(
     pool: asyncpg.Pool,
-    event_id: int,
+    event_id: int | None,
     token: Any,
     handler: str,
     mode: str,
@@ -174,6 +174,9 @@ async def turn_begin(
     tr = conn.transaction()
     try:
         await tr.start()
+        if event_id is None:
+            # A plain transaction (a reconcile sweep): no claim to check, no ledger row.
+            return conn, tr, await _run(conn, mode, sql, args)
         if await conn.fetchval(OUTBOX.turn_begin, event_id, token) is None:
             await tr.rollback()
             await pool.release(conn)
@@ -274,3 +277,50 @@ async def ping(conn: asyncpg.Connection) -> None:
 async def newest_generation(pool: asyncpg.Pool) -> int | None:
     value = await pool.fetchval(DEPLOYMENTS.newest_generation)
     return None if value is None else int(value)
+
+
+# --- the reconciler --------------------------------------------------------------------
+
+
+@translated
+async def begin_reconcile_pass(
+    pool: asyncpg.Pool, worker_id: str, generation: int, min_gap: float
+) -> tuple[int, datetime] | None:
+    """Start a pass if no worker started one within ``min_gap`` seconds (one transaction)."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval(RECONCILE.try_lock):
+            return None
+        row = await conn.fetchrow(RECONCILE.begin_pass, worker_id, generation, min_gap)
+        return None if row is None else (int(row["id"]), row["started_at"])
+
+
+@translated
+async def retire_generations(
+    pool: asyncpg.Pool, grace: float, stale: float, policy: str
+) -> tuple[list[int], int | None, dict[int, list[int]]]:
+    """Retire dead generations and hand their PENDING rows over by ``policy``.
+
+    Returns (generations retired now, the adopting generation, {from generation: ids}).
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        newest = await conn.fetchval(RECONCILE.newest_live_generation, stale)
+        if newest is None:
+            return [], None, {}
+        retired = [r[0] for r in await conn.fetch(
+            RECONCILE.retire_generations, grace, stale, newest, policy)]
+        if policy == "adopt":
+            rows = await conn.fetch(RECONCILE.adopt_retired, newest)
+        elif policy == "dead":
+            rows = await conn.fetch(RECONCILE.dead_retired)
+        else:
+            rows = await conn.fetch(RECONCILE.kept_retired)
+        moved: dict[int, list[int]] = {}
+        for r in rows:
+            moved.setdefault(int(r["from_generation"]), []).append(int(r["id"]))
+        if policy != "keep":
+            for source, ids in moved.items():
+                await conn.execute(
+                    RECONCILE.record_handover, source, newest if policy == "adopt" else None,
+                    policy, len(ids),
+                )
+        return retired, int(newest), moved

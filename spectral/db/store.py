@@ -19,7 +19,7 @@ import trio_asyncio
 
 from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError
 from . import _aio
-from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, WORKERS
+from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -35,12 +35,33 @@ async def hop(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) 
 
 @asynccontextmanager
 async def asyncio_loop() -> AsyncIterator[None]:
-    """Enter the process's trio-asyncio loop, or reuse the one already running."""
+    """Enter the process's trio-asyncio loop, or reuse the one already running.
+
+    Error handling: trio-asyncio runs the body inside its own nurseries, which wrap any
+    exception in nested exception groups. A group holding one exception is unwrapped, so
+    ``except DatabaseUnavailableError`` around :func:`spectral.open_database` works
+    (``except*`` handlers match the bare exception as well).
+    """
     if trio_asyncio.current_loop.get(None) is None:
-        async with trio_asyncio.open_loop():
-            yield
+        try:
+            async with trio_asyncio.open_loop():
+                yield
+        except BaseExceptionGroup as group:
+            sole = _sole_exception(group)
+            if sole is None:
+                raise
+            raise sole from None
     else:
         yield
+
+
+def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup):
+        if len(inner.exceptions) != 1:
+            return None
+        inner = inner.exceptions[0]
+    return inner
 
 
 @dataclass(frozen=True)
@@ -149,6 +170,54 @@ class Store:
         """A lazily opened transaction for one handler's turn on one event."""
         return TurnTx(self._pool, event_id, token, handler)
 
+    async def open_transaction(self) -> TurnTx:
+        """A lazily opened plain transaction (reconcile sweeps): no claim, no ledger."""
+        return TurnTx(self._pool, None, None, "")
+
+    # --- the reconciler --------------------------------------------------------------
+
+    async def reconcile_enabled_override(self) -> bool | None:
+        value = await self.fetchval(RECONCILE.enabled_override)
+        return None if value is None else value == "true"
+
+    async def set_reconcile_enabled(self, enabled: bool | None) -> None:
+        await self.execute(RECONCILE.set_enabled, None if enabled is None else str(enabled).lower())
+
+    async def begin_reconcile_pass(
+        self, worker_id: str, generation: int, min_gap: float
+    ) -> tuple[int, datetime] | None:
+        return await hop(_aio.begin_reconcile_pass, self._pool, worker_id, generation, min_gap)
+
+    async def finish_reconcile_pass(
+        self, pass_id: int, unblocked: dict[str, int], errors: list[str]
+    ) -> None:
+        await self.execute(RECONCILE.finish_pass, pass_id, json.dumps(unblocked), json.dumps(errors))
+
+    async def last_reconcile_pass(self) -> dict[str, Any] | None:
+        rows = await self.fetch(RECONCILE.last_pass)
+        if not rows:
+            return None
+        row = rows[0]
+        row["unblocked"] = json.loads(row["unblocked"])
+        row["errors"] = json.loads(row["errors"])
+        return row
+
+    async def sweep_lost_wakeups(self, grace: float, stale: float) -> dict[int, int]:
+        rows = await self.fetch(RECONCILE.lost_wakeups, grace, stale)
+        return {int(r["generation"]): int(r["n"]) for r in rows}
+
+    async def sweep_orphaned_claims(self, stale: float) -> list[tuple[int, int, str | None]]:
+        rows = await self.fetch(RECONCILE.orphaned_claims, stale)
+        return [(r["id"], r["generation"], r["claimed_by"]) for r in rows]
+
+    async def sweep_retired_generations(
+        self, grace: float, stale: float, policy: str
+    ) -> tuple[list[int], int | None, dict[int, list[int]]]:
+        return await hop(_aio.retire_generations, self._pool, grace, stale, policy)
+
+    async def stale_workers(self, stale: float) -> list[dict[str, Any]]:
+        return await self.fetch(RECONCILE.stale_workers, stale)
+
     # --- deployments -----------------------------------------------------------------
 
     async def newest_generation(self) -> int | None:
@@ -249,7 +318,9 @@ class TurnTx:
     row in the same hop; :meth:`commit` commits the handler's writes with that row.
     """
 
-    def __init__(self, pool: Any, event_id: int, token: uuid.UUID, handler: str) -> None:
+    def __init__(
+        self, pool: Any, event_id: int | None, token: uuid.UUID | None, handler: str
+    ) -> None:
         self._pool = pool
         self._event_id = event_id
         self._token = token
