@@ -93,6 +93,14 @@ def _build_parser() -> argparse.ArgumentParser:
     alloc.add_argument("--deployed-by", help="who deploys")
     alloc.add_argument("--json", action="store_true", help="print a JSON object")
 
+    rec = sub.add_parser("reconcile", help="the reconciler's live kill switch and last pass")
+    rec_sub = rec.add_subparsers(dest="reconcile_command", required=True, metavar="ACTION")
+    rec_sub.add_parser("on", parents=[settings], help="enable passes on every worker, live")
+    rec_sub.add_parser("off", parents=[settings], help="disable passes on every worker, live")
+    rec_sub.add_parser("default", parents=[settings],
+                       help="drop the override: SPECTRAL_RECONCILE_ENABLED decides again")
+    rec_sub.add_parser("status", parents=[settings], help="the override and the last pass")
+
     db = sub.add_parser("db", help="the embedded development database")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_sub.add_parser("start", parents=[settings], help="start it (or reuse it) and print its URL")
@@ -269,6 +277,27 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    action = args.reconcile_command
+
+    async def main() -> tuple[bool | None, dict[str, Any] | None]:
+        async with open_database(url, pool_size=1) as store:
+            if action != "status":
+                await store.set_reconcile_enabled(
+                    {"on": True, "off": False, "default": None}[action]
+                )
+            return await store.reconcile_enabled_override(), await store.last_reconcile_pass()
+
+    override, last = trio.run(main)
+    state = "not set (SPECTRAL_RECONCILE_ENABLED decides)" if override is None else (
+        "on" if override else "off")
+    _print(f"reconciler override: {state}")
+    if last is not None:
+        _print(f"last pass: {last['started_at']:%Y-%m-%d %H:%M:%S} by {last['worker_id']}, "
+               f"unblocked {json.dumps(last['unblocked'])}, {len(last['errors'])} errors")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, str], int]] = {
     "run": cmd_run,
     "worker": cmd_run,
@@ -278,6 +307,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, str], int]] = {
     "requeue": cmd_requeue,
     "inspect": cmd_inspect,
     "deploy": cmd_allocate,
+    "reconcile": cmd_reconcile,
 }
 
 
