@@ -153,7 +153,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings, url: str) -> int:
 def cmd_migrate(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> None:
         async with open_database(url, pool_size=1):
-            report = await migrate(url, settings.max_payload_bytes)
+            report = await migrate(url, settings.max_payload_bytes,
+                                   stale_after=settings.heartbeat_stale_after)
         if report.applied:
             for m in report.applied:
                 _print(f"applied {m.version:04d}_{m.name} ({m.kind})")

@@ -63,8 +63,24 @@ class MigrationReport:
     current: int
 
 
+async def _refuse_contract_with_live_old_workers(
+    conn: asyncpg.Connection, m: Migration, stale_after: float
+) -> None:
+    if m.kind != "contract" or not await conn.fetchval("SELECT to_regclass('core.workers') IS NOT NULL"):
+        return
+    live = await conn.fetch(MIGRATE.live_older_workers, stale_after)
+    if live:
+        names = ", ".join(f"{r['worker_id']} (gen {r['generation']})" for r in live[:5])
+        raise MigrationError(
+            f"migration {m.version:04d}_{m.name} contracts the schema while {len(live)} workers of "
+            f"older generations are live ({names}); let them drain first (expand/contract)"
+        )
+
+
 @translated
-async def _migrate(url: str, migrations: list[Migration], max_payload_bytes: int) -> list[int]:
+async def _migrate(
+    url: str, migrations: list[Migration], max_payload_bytes: int, stale_after: float
+) -> list[int]:
     conn = await asyncpg.connect(url, timeout=10)
     try:
         await conn.execute(MIGRATE.lock)
@@ -80,6 +96,7 @@ async def _migrate(url: str, migrations: list[Migration], max_payload_bytes: int
                             "migrations are forward-only: add a new one instead"
                         )
                     continue
+                await _refuse_contract_with_live_old_workers(conn, m, stale_after)
                 async with conn.transaction():
                     await conn.execute(m.sql)
                     await conn.execute(MIGRATE.record, m.version, m.name, m.kind, m.checksum)
@@ -98,10 +115,17 @@ async def _migrate(url: str, migrations: list[Migration], max_payload_bytes: int
         await _aio.close_connection(conn, 5)
 
 
-async def migrate(url: str, max_payload_bytes: int) -> MigrationReport:
-    """Apply every pending migration (trio-callable, one hop)."""
-    migrations = shipped()
-    done = await hop(_migrate, url, migrations, max_payload_bytes)
+async def migrate(
+    url: str, max_payload_bytes: int, *, stale_after: float = 60.0,
+    migrations: list[Migration] | None = None,
+) -> MigrationReport:
+    """Apply every pending migration (trio-callable, one hop).
+
+    A ``contract`` migration is refused while workers of a generation older than the
+    newest deployment have a heartbeat fresher than ``stale_after`` seconds.
+    """
+    migrations = shipped() if migrations is None else migrations
+    done = await hop(_migrate, url, migrations, max_payload_bytes, stale_after)
     return MigrationReport([m for m in migrations if m.version in done], len(migrations))
 
 

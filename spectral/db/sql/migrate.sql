@@ -28,3 +28,12 @@ INSERT INTO core.schema_migrations (version, name, kind, checksum) VALUES ($1, $
 -- name: has_schema
 -- Whether core.schema_migrations exists (NULL when it does not).
 SELECT to_regclass('core.schema_migrations') IS NOT NULL;
+
+-- name: live_older_workers
+-- Live workers (a beat within $1 s) of generations older than the newest deployment:
+-- a contract migration would break the code they run.
+SELECT worker_id, generation FROM core.workers
+WHERE to_regclass('core.workers') IS NOT NULL
+  AND state <> 'exited' AND last_seen >= clock_timestamp() - make_interval(secs => $1)
+  AND generation < (SELECT max(generation) FROM core.deployments)
+ORDER BY generation, worker_id;
