@@ -113,10 +113,13 @@ class App:
             1 <= len(topic) <= TOPIC_MAX_LENGTH and TOPIC_RE.match(topic)
         ):
             raise ConfigurationError(f"@app.handler: invalid topic {topic!r}")
-        if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
+        if max_attempts is not None and (
+            not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1
+        ):
             raise ConfigurationError(f"@app.handler: max_attempts must be >= 1, got {max_attempts!r}")
         if timeout is not None and not (
-            isinstance(timeout, int | float) and 0 < timeout < math.inf
+            isinstance(timeout, int | float) and not isinstance(timeout, bool)
+            and 0 < timeout < math.inf
         ):
             raise ConfigurationError(f"@app.handler: timeout must be > 0 seconds, got {timeout!r}")
 

@@ -79,7 +79,8 @@ def describe(exc: BaseException) -> str:
     """A failure as stored in last_error: the exception line and the innermost frames."""
     frames = traceback.extract_tb(exc.__traceback__)[-3:]
     where = " <- ".join(f"{f.name} ({f.filename.rsplit('/', 1)[-1]}:{f.lineno})" for f in reversed(frames))
-    text = f"{type(exc).__name__}: {exc}"
+    # PostgreSQL text cannot hold NUL: one in a message would fail the whole settle batch.
+    text = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
     if where:
         text = f"{text} at {where}"
     return text[:MAX_ERROR_LENGTH]
@@ -131,6 +132,7 @@ class TurnRunner:
         event = Event(row.id, row.topic, row.payload, row.generation, attempt, row.created_at,
                       row.handled)
         ledger: list[tuple[str, int]] = []
+        succeeded: set[str] = set()
         failures: list[tuple[HandlerSpec, str]] = []
         with trio.CancelScope(deadline=trio.current_time() + self._handler_max) as turn_scope:
             for spec in pending:
@@ -139,12 +141,14 @@ class TurnRunner:
                     self._log(logging.WARNING, "claim lost during the turn; nothing applied",
                               row, handler=spec.name)
                     return Outcome(row, "lost", ledger=ledger)
-                if failure is not None:
+                if failure is None:
+                    succeeded.add(spec.name)
+                else:
                     failures.append((spec, failure))
         if turn_scope.cancelled_caught:
-            done = {name for name, _ in ledger}
+            failed = {f[0].name for f in failures}
             for spec in pending:
-                if spec.name not in done and spec not in [f[0] for f in failures]:
+                if spec.name not in succeeded and spec.name not in failed:
                     failures.append(
                         (spec, f"{spec.name}: exceeded SPECTRAL_HANDLER_MAX ({self._handler_max:g}s)")
                     )
@@ -179,7 +183,7 @@ class TurnRunner:
             with trio.move_on_after(timeout) as handler_scope:
                 await spec.fn(event, tx)
             if handler_scope.cancelled_caught:
-                await turn.rollback()
+                await self._rollback(turn, row, spec)
                 return f"{spec.name}: timed out after {timeout:g}s"
             if turn.opened:
                 await turn.commit()
@@ -187,16 +191,28 @@ class TurnRunner:
                 ledger.append((spec.name, row.id))
             return None
         except AlreadyHandledError:
-            await turn.rollback()
+            await self._rollback(turn, row, spec)
             return None
         except ClaimLostError:
-            await turn.rollback()
+            await self._rollback(turn, row, spec)
             return "lost"
-        except trio.Cancelled:
-            await turn.rollback()
-            raise
         except Exception as exc:
-            await turn.rollback()
+            await self._rollback(turn, row, spec)
             return f"{spec.name}: {describe(exc)}"
+        except BaseException:
+            # Cancellation, also when it arrives wrapped in an exception group (a handler
+            # with a nursery): roll back, then let it propagate.
+            await self._rollback(turn, row, spec)
+            raise
         finally:
             self._state.in_flight.pop(key, None)
+
+    async def _rollback(self, turn: TurnTx, row: ClaimedRow, spec: HandlerSpec) -> None:
+        """Roll back, best effort: when the rollback itself fails the connection is broken
+        and the driver discards it, so the server aborts the transaction anyway. Raising
+        here would crash the worker over a turn whose outcome is already decided."""
+        try:
+            await turn.rollback()
+        except Exception as exc:
+            self._log(logging.WARNING, "rollback failed; the connection was discarded", row,
+                      handler=spec.name, error=f"{type(exc).__name__}: {exc}")

@@ -22,6 +22,9 @@ from ._backoff import Reconnector
 
 log = logging.getLogger("spectral.claimer")
 
+#: Seconds the settler may spend, on cancellation, writing the cancelled turns' releases.
+FLUSH_TIMEOUT = 5.0
+
 
 class ClaimerStore(Protocol):
     async def claim(
@@ -84,14 +87,25 @@ class Claimer:
         started = trio.current_time()
         try:
             outcome = await self._turns.run(row)
-        except trio.Cancelled:
-            # The drain deadline (or shutdown) cut this turn off: give the row back now.
-            self._send.send_nowait(Outcome(row, "release", error="cancelled at the drain deadline"))
+        except BaseException:
+            # The drain deadline (or shutdown) cut this turn off (a Cancelled, possibly in
+            # an exception group): give the row back now.
+            try:
+                self._send.send_nowait(
+                    Outcome(row, "release", error="cancelled at the drain deadline")
+                )
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The settler's bounded flush is over: the reaper recovers the row.
+                log.warning("turn cancelled; its row is left to the reaper",
+                            extra={"worker_id": self._state.worker_id, "event_id": row.id})
+                raise
             log.warning("turn cancelled at the drain deadline; row released",
                         extra={"worker_id": self._state.worker_id, "event_id": row.id})
             raise
         finally:
             self._slots.release()
+        if outcome.kind == "lost":
+            self._state.counters.lost_claims += 1
         self._send.send_nowait(outcome)
         if self._state.turn_observer is not None:
             duration = trio.current_time() - started
@@ -157,23 +171,43 @@ class Claimer:
                 pass
 
     async def _settler(self) -> None:
-        """Write finished turns' outcomes in batches, one transaction per batch."""
+        """Write finished turns' outcomes in batches, one transaction per batch.
+
+        Cancellation: the cancelled turns hand their rows back at this moment; their
+        releases are written in a shielded flush bounded by FLUSH_TIMEOUT, then it re-raises.
+        """
         async with self._receive:
-            while True:
+            try:
+                await self._settle_forever()
+            except trio.Cancelled:
+                with trio.CancelScope(shield=True) as flush:
+                    flush.deadline = trio.current_time() + FLUSH_TIMEOUT
+                    outcomes: list[Outcome] = []
+                    with trio.move_on_after(FLUSH_TIMEOUT / 2):
+                        async for outcome in self._receive:
+                            outcomes.append(outcome)
+                    batch = Settlement()
+                    for outcome in outcomes:
+                        outcome.add_to(batch)
+                    await self._settle(batch, outcomes)
+                raise
+
+    async def _settle_forever(self) -> None:
+        while True:
+            try:
+                first = await self._receive.receive()
+            except trio.EndOfChannel:
+                return
+            batch = Settlement()
+            outcomes = [first]
+            while len(outcomes) < self._batch_size * 5:
                 try:
-                    first = await self._receive.receive()
-                except trio.EndOfChannel:
-                    return
-                batch = Settlement()
-                outcomes = [first]
-                while len(outcomes) < self._batch_size * 5:
-                    try:
-                        outcomes.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                for outcome in outcomes:
-                    outcome.add_to(batch)
-                await self._settle(batch, outcomes)
+                    outcomes.append(self._receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            for outcome in outcomes:
+                outcome.add_to(batch)
+            await self._settle(batch, outcomes)
 
     async def _settle(self, batch: Settlement, outcomes: list[Outcome]) -> None:
         if not len(batch) and not batch.ledger:
@@ -191,6 +225,12 @@ class Claimer:
                     break
                 except DatabaseUnavailableError as exc:
                     await self._reconnect_settle.failed(exc)
+                except DatabaseError as exc:
+                    # Not a lost connection: retrying the same batch would fail the same way.
+                    # Its rows stay CLAIMED; the reaper or the reconciler recovers them.
+                    log.error("could not settle %d outcomes: %s", len(batch), exc,
+                              extra={"worker_id": self._state.worker_id})
+                    return
         if scope.cancelled_caught:
             log.error("could not acknowledge %d rows before exiting; the reaper will recover them",
                       len(batch), extra={"worker_id": self._state.worker_id})

@@ -10,7 +10,7 @@ from typing import Any, NoReturn, Protocol
 
 import trio
 
-from ..errors import DatabaseUnavailableError
+from ..errors import DatabaseError, DatabaseUnavailableError
 from ..state import RuntimeState
 from ._backoff import Reconnector
 
@@ -18,6 +18,7 @@ log = logging.getLogger("spectral.heartbeat")
 
 
 class HeartbeatConnection(Protocol):
+    def is_closed(self) -> bool: ...
     async def register_worker(self, *args: Any) -> None: ...
     async def beat(self, worker_id: str, state: str) -> bool: ...
     async def mark_exited(self, worker_id: str) -> None: ...
@@ -80,6 +81,14 @@ class Heartbeat:
             self._conn = None
             await conn.aclose()
             raise
+        except DatabaseError as exc:
+            if not conn.is_closed():
+                raise
+            # asyncpg says "connection is closed" (InterfaceError) when the server went
+            # away before the call: the connection is lost, not a bug.
+            self._conn = None
+            await conn.aclose()
+            raise DatabaseUnavailableError(f"heartbeat connection lost: {exc}") from None
         self.beats += 1
         self._state.last_beat = time.monotonic()
         return written
@@ -115,6 +124,12 @@ class Heartbeat:
                 except DatabaseUnavailableError as exc:
                     await self._reconnect.failed(exc)
                     continue
+                except DatabaseError as exc:
+                    # e.g. a read-only server after a failover: keep beating on schedule.
+                    log.warning("heartbeat failed: %s", exc,
+                                extra={"worker_id": self._state.worker_id})
+                    await self._state.wait_health_changed(self._interval)
+                    continue
                 if written == "reconnecting" and not self._state.down:
                     # Every consumer is back: keep the outage visible for a moment, then
                     # write 'running' at once.
@@ -134,6 +149,6 @@ class Heartbeat:
                 try:
                     await conn.mark_exited(self._state.worker_id)
                     log.info("worker exited", extra={"worker_id": self._state.worker_id})
-                except DatabaseUnavailableError as exc:
+                except DatabaseError as exc:
                     log.warning("could not mark the worker exited: %s", exc)
             await conn.aclose()

@@ -9,7 +9,7 @@ from typing import NoReturn, Protocol
 
 import trio
 
-from ..errors import DatabaseUnavailableError
+from ..errors import DatabaseError, DatabaseUnavailableError
 from ..state import RuntimeState
 from ._backoff import Reconnector
 
@@ -128,7 +128,7 @@ class OutboxListener:
                 return
             try:
                 await conn.ping()
-            except DatabaseUnavailableError:
+            except DatabaseError:
                 return
 
     run = listen

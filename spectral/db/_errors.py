@@ -75,6 +75,9 @@ def translate(exc: BaseException) -> errors.SpectralError | None:
         if isinstance(exc, _UNAVAILABLE):
             return errors.DatabaseUnavailableError(f"database connection lost: {message}")
         return errors.DatabaseError(f"database error ({exc.sqlstate}): {message}")
+    if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
+        # The server went away before the call: the connection is lost, not misused.
+        return errors.DatabaseUnavailableError(f"database connection lost: {scrub(str(exc))}")
     if isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, _UNAVAILABLE):
         return errors.DatabaseError(f"database client error: {scrub(str(exc))}")
     if isinstance(exc, _UNAVAILABLE):

@@ -354,8 +354,6 @@ async def test_drain_while_every_slot_is_busy(autojump_clock: object) -> None:
 # --- bugs ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a claim lost during a turn (ClaimLostError) is not "
-                   "counted in counters.lost_claims")
 async def test_claim_lost_during_the_turn_is_counted(autojump_clock: object) -> None:
     store, state, app = FakeStore(), make_state(), App()
     go = trio.Event()
@@ -376,8 +374,6 @@ async def test_claim_lost_during_the_turn_is_counted(autojump_clock: object) -> 
     assert state.counters.lost_claims == 1
 
 
-@pytest.mark.xfail(strict=True, reason="a DatabaseError from settle kills the claimer (and the "
-                   "process), losing the whole batch")
 async def test_survives_a_settle_database_error(autojump_clock: object) -> None:
     store, state, app = FakeStore(), make_state(), App()
     load = Load(app, seconds=0)
@@ -392,8 +388,6 @@ async def test_survives_a_settle_database_error(autojump_clock: object) -> None:
     assert len(load.done) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="a turn whose cancellation arrives as a BaseExceptionGroup "
-                   "(the handler used a nursery) is not released at the drain deadline")
 async def test_drain_deadline_releases_a_handler_that_uses_a_nursery(autojump_clock: object) -> None:
     store, state, app = FakeStore(), make_state(), App()
 

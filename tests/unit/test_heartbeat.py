@@ -182,7 +182,6 @@ async def test_budget_exhaustion_raises(autojump_clock: object) -> None:
     assert 20 < trio.current_time() < 30
 
 
-@pytest.mark.xfail(strict=True, reason="a DatabaseError other than a lost connection kills the heartbeat")
 async def test_survives_a_database_error_on_a_beat(autojump_clock: object) -> None:
     store, state = FakeStore(), make_state()
     async with trio.open_nursery() as nursery:

@@ -178,7 +178,6 @@ async def test_budget_exhaustion_raises(autojump_clock: object) -> None:
     assert state.listener_mode == "poll-only"
 
 
-@pytest.mark.xfail(strict=True, reason="a non-connection DatabaseError from ping kills the listener")
 async def test_survives_a_database_error_from_ping(autojump_clock: object) -> None:
     store, state = FakeStore(), make_state()
     async with trio.open_nursery() as nursery:

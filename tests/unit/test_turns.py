@@ -429,8 +429,6 @@ def test_outcomes_add_to_a_settlement() -> None:
 # --- bugs ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a handler that committed is reported as over HANDLER_MAX "
-                   "when a later handler of the turn is, and its max_attempts can make the row DEAD")
 async def test_committed_handler_is_not_blamed_when_a_later_one_exceeds_handler_max(
     autojump_clock: object, store: FakeStore, state: RuntimeState,
 ) -> None:
@@ -450,8 +448,6 @@ async def test_committed_handler_is_not_blamed_when_a_later_one_exceeds_handler_
     assert not outcome.dead
 
 
-@pytest.mark.xfail(strict=True, reason="a cancellation that arrives as a BaseExceptionGroup (the "
-                   "handler used a nursery) skips the rollback")
 async def test_handler_max_rolls_back_a_handler_that_uses_a_nursery(
     autojump_clock: object, store: FakeStore, state: RuntimeState,
 ) -> None:
@@ -469,8 +465,6 @@ async def test_handler_max_rolls_back_a_handler_that_uses_a_nursery(
     assert txs(store, "fan")[0].rolled_back, "the transaction (and its pooled connection) leaks"
 
 
-@pytest.mark.xfail(strict=True, reason="last_error keeps NUL characters, which PostgreSQL text "
-                   "rejects: the whole settle batch fails")
 async def test_error_text_has_no_nul_characters(
     autojump_clock: object, store: FakeStore, state: RuntimeState,
 ) -> None:
