@@ -10,7 +10,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -30,6 +31,9 @@ from .errors import (
 )
 from .events import check_topic, encode_payload
 from .verdicts import verdicts
+
+if TYPE_CHECKING:
+    from .rollout import RolloutResult
 
 DEMO_APP = "spectral.demo:app"
 USER_ERRORS = (ConfigurationError, InvalidEventError, AppLoadError, NoGenerationError,
@@ -100,6 +104,31 @@ def _build_parser() -> argparse.ArgumentParser:
     rec_sub.add_parser("default", parents=[settings],
                        help="drop the override: SPECTRAL_RECONCILE_ENABLED decides again")
     rec_sub.add_parser("status", parents=[settings], help="the override and the last pass")
+
+    roll = dep_sub.add_parser(
+        "rollout", parents=[settings],
+        help="start a new generation, health-check it, cut over or roll back",
+    )
+    roll.add_argument("--reference",
+                      help="allocate a new generation for this reference first "
+                           "(or give an allocated one with --generation)")
+    roll.add_argument("--tag", help="with --reference: a label for the new generation")
+    roll.add_argument("--deployed-by", help="with --reference: who deploys")
+    roll.add_argument("--target", choices=("process", "docker"), default="process")
+    roll.add_argument("--health-timeout", type=float, default=60.0,
+                      help="seconds to wait for /health to answer 200 (default 60)")
+    roll.add_argument("--app", default=DEMO_APP, help=f"process: MODULE:APP (default {DEMO_APP})")
+    roll.add_argument("--pidfile", type=Path,
+                      help="process: where the serving pid is kept (default DATA_DIR/spectral.pid)")
+    roll.add_argument("--new-port", type=int, default=0,
+                      help="process: the new process's HTTP port (default: a free port)")
+    roll.add_argument("--image", help="docker: the image to run")
+    roll.add_argument("--name", default="spectral", help="docker: container name prefix")
+    roll.add_argument("--old-container", help="docker: the container serving now")
+    roll.add_argument("--port", type=int, default=8080, help="docker: host port to publish")
+    roll.add_argument("--env-file", help="docker: an env file for the container")
+    roll.add_argument("--dry-run", action="store_true", help="docker: print the commands only")
+    roll.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
     db = sub.add_parser("db", help="the embedded development database")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -239,7 +268,8 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
     _print("deployments (newest first):")
     for d in view["deployments"]:
         _print(f"  gen {d['generation']:>4}  {d['deployed_at']:%Y-%m-%d %H:%M:%S}  "
-               f"{d['reference']}  {d['tag'] or ''}  {d['deployed_by'] or ''}".rstrip())
+               f"{d['reference']}  {d['tag'] or ''}  {d['deployed_by'] or ''}".rstrip()
+               + ("  (retired)" if d.get("retired_at") else ""))
     _print("workers (most recent beat first):")
     for w in view["workers"]:
         flag = "  STALE" if w["stale"] else ""
@@ -252,6 +282,67 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
     for v in judged:
         _print(f"  [{'ok' if v.ok else '!!'}] {v.message}")
     return 0
+
+
+def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    from .rollout import ProcessTarget, docker_commands, rollout_docker, rollout_process
+
+    if args.target == "docker" and not args.image:
+        raise ConfigurationError("--target docker needs --image")
+
+    async def main() -> RolloutResult:
+        async with open_database(url, pool_size=2) as store:
+            generation = settings.generation
+            if generation is not None and args.reference:
+                raise ConfigurationError("give --generation or --reference, not both")
+            if generation is None:
+                if not args.reference:
+                    raise ConfigurationError(
+                        "give --generation N (an allocated generation) or --reference REF"
+                    )
+                row = await store.allocate_generation(args.reference, args.deployed_by, args.tag)
+                generation = int(row["generation"])
+                _print(f"allocated generation {generation}")
+            elif not await store.generation_exists(generation):
+                raise NoGenerationError(f"generation {generation} is not in core.deployments")
+            if args.target == "process":
+                target = ProcessTarget(
+                    app=args.app, pidfile=args.pidfile or settings.data_dir / "spectral.pid",
+                    log_dir=settings.data_dir / "logs", port=args.new_port,
+                    extra_env={} if not settings.database_url else {
+                        "SPECTRAL_DATABASE_URL": settings.database_url},
+                )
+                if not settings.database_url:
+                    target.extra_env["SPECTRAL_DATABASE_URL"] = url
+                return await rollout_process(
+                    store, target, generation, health_timeout=args.health_timeout,
+                    drain_wait=settings.drain_timeout + 10, say=_print,
+                )
+            commands = docker_commands(
+                image=args.image, name=args.name, generation=generation,
+                old_container=args.old_container, port=args.port,
+                drain_seconds=settings.drain_timeout, env_file=args.env_file,
+            )
+            return await rollout_docker(
+                store, commands, generation, health_timeout=args.health_timeout,
+                old_container=args.old_container, new_container=f"{args.name}-g{generation}",
+                dry_run=args.dry_run, say=_print,
+            )
+
+    result = trio.run(main)
+    if args.json:
+        _print(json.dumps(result.as_dict()))
+    elif result.status == "success":
+        _print(f"success: generation {result.generation} serving ({result.new_process})")
+    elif result.status == "rolled_back":
+        _print(f"rolled back: {result.reason}")
+    return 1 if result.status == "rolled_back" else 0
+
+
+def cmd_deploy(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    if args.deploy_command == "rollout":
+        return cmd_rollout(args, settings, url)
+    return cmd_allocate(args, settings, url)
 
 
 def cmd_allocate(args: argparse.Namespace, settings: Settings, url: str) -> int:
@@ -307,7 +398,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, str], int]] = {
     "publish": cmd_publish,
     "requeue": cmd_requeue,
     "inspect": cmd_inspect,
-    "deploy": cmd_allocate,
+    "deploy": cmd_deploy,
     "reconcile": cmd_reconcile,
 }
 

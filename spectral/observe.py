@@ -57,7 +57,8 @@ class QueueSnapshot:
         try:
             outbox = await self._store.outbox_counts()
             workers = await self._store.fetch(OBSERVE.workers_by_generation, self._stale_after)
-            deployments = await self._store.latest_deployments(1)
+            deployments = [d for d in await self._store.latest_deployments(5)
+                           if d.get("retired_at") is None]
             self.schema_version = int(await self._store.fetchval(OBSERVE.schema_version))
             last_pass = await self._store.last_reconcile_pass()
         except DatabaseError as exc:

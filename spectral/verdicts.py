@@ -30,7 +30,9 @@ def verdicts(
 ) -> list[Verdict]:
     """Judge the three views. ``workers`` rows carry worker_id, generation, state, stale."""
     found: list[Verdict] = []
-    head = max((int(d["generation"]) for d in deployments), default=None)
+    # The head is the newest generation in service: a retired or rolled-back one is not.
+    head = max((int(d["generation"]) for d in deployments if d.get("retired_at") is None),
+               default=None)
     live = [w for w in workers if w["state"] != "exited" and not w["stale"]]
     live_generations = {int(w["generation"]) for w in live}
     if head is None:

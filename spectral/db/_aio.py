@@ -324,3 +324,8 @@ async def retire_generations(
                     policy, len(ids),
                 )
         return retired, int(newest), moved
+
+
+@translated
+async def conn_fetchval(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> Any:
+    return await conn.fetchval(sql, *args)

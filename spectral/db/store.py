@@ -305,6 +305,9 @@ class Connection:
     async def mark_exited(self, worker_id: str) -> None:
         await hop(_aio.mark_exited, self._conn, worker_id)
 
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await hop(_aio.conn_fetchval, self._conn, sql, args)
+
     async def aclose(self) -> None:
         """Close within :data:`CLEANUP_TIMEOUT`, shielded from cancellation."""
         with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT + 1):
