@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
 
@@ -81,6 +82,14 @@ def _url(raw: str) -> str | None:
         return None
     if not raw.startswith(("postgres://", "postgresql://")):
         raise ValueError("must start with postgresql:// or postgres://")
+    # A bad port would otherwise surface later as a driver traceback. The messages here
+    # never echo the URL: it may hold a password.
+    try:
+        hosts = urlsplit(raw).netloc.rpartition("@")[2]
+        for host in hosts.split(","):  # libpq's multi-host form: h1:5432,h2:5433
+            _ = urlsplit("//" + host).port  # raises on a non-numeric or out-of-range port
+    except ValueError:
+        raise ValueError("is not a valid URL (check the host and port)") from None
     return raw
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 _PASSWORD_IN_URL = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@")
 _PASSWORD_PARAM = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
@@ -20,7 +20,15 @@ def redact(url: str) -> str:
                 userinfo = userinfo.split(":", 1)[0] + ":***"
             netloc = f"{userinfo}@{host}"
         query = _PASSWORD_PARAM.sub(r"\1***", parts.query)
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        if (netloc, query) == (parts.netloc, parts.query):
+            return url
+        # Not urlunsplit: it drops the "//" of an empty host (postgresql:///db?host=/run/...).
+        shown = f"{parts.scheme}://{netloc}{parts.path}"
+        if query:
+            shown += "?" + query
+        if parts.fragment:
+            shown += "#" + parts.fragment
+        return shown
     except ValueError:
         return scrub(url)
 

@@ -116,8 +116,9 @@ DECLARE
 BEGIN
     IF topic IS NULL OR char_length(topic) NOT BETWEEN 1 AND 128
        OR topic !~ '^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$' THEN
+        -- Line breaks in the topic are shown escaped: the message stays one line.
         RAISE EXCEPTION 'invalid topic %: use 1-128 characters, dot-separated segments of letters, digits, _ and -',
-            coalesce(quote_literal(left(topic, 140)), 'NULL')
+            coalesce(replace(replace(quote_literal(left(topic, 140)), E'\n', '\n'), E'\r', '\r'), 'NULL')
             USING ERRCODE = '22023', HINT = 'spectral:invalid_topic';
     END IF;
     IF payload IS NULL OR jsonb_typeof(payload) <> 'object' THEN
