@@ -17,7 +17,9 @@ from ..pg import query
 
 def _spectral(db_url: str, cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SPECTRAL_DATABASE_URL": db_url, "SPECTRAL_DATA_DIR": str(cwd / "data"),
-           "SPECTRAL_DEMO_RATE": "5", "SPECTRAL_DRAIN_TIMEOUT": "5"}
+           "SPECTRAL_DEMO_RATE": "5", "SPECTRAL_DRAIN_TIMEOUT": "5",
+           "SPECTRAL_RECONCILE_INTERVAL": "0.5", "SPECTRAL_RETIRE_GRACE": "1",
+           "SPECTRAL_HEARTBEAT_INTERVAL": "1"}
     return subprocess.run([sys.executable, "-m", "spectral", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -77,6 +79,20 @@ def test_rollout_cuts_over_on_health_and_rolls_back_a_broken_generation(
                              " WHERE generation = 3")[0]["r"] is True
         exited = query(db_url, "SELECT state FROM core.workers WHERE generation = 1")
         assert [r["state"] for r in exited] == ["exited"]
+        # The old generation drained and exited 0.
+        assert "exiting [exit_code=0]" in (tmp_path / "data" / "logs" / "generation-1.log").read_text()
+        # Zero events lost: every event the demo published in any generation gets handled
+        # (generation 1's leftovers are adopted by generation 2 once it retires).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            unfinished = query(db_url, "SELECT count(*) AS n FROM core.outbox WHERE status <> 'DONE'"
+                                       " AND created_at < now() - interval '3 seconds'")[0]["n"]
+            if unfinished == 0:
+                break
+            time.sleep(0.2)
+        assert unfinished == 0, query(db_url, "SELECT generation, status, count(*) FROM core.outbox"
+                                              " GROUP BY 1, 2")
+        assert query(db_url, "SELECT count(*) AS n FROM core.outbox")[0]["n"] > 10
     finally:
         for pid in served:
             if _alive(pid):
