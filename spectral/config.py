@@ -113,6 +113,12 @@ def _optional_path(raw: str) -> Path | None:
     return Path(raw) if raw.strip() else None
 
 
+def _retire_policy(raw: str) -> str:
+    if raw not in ("adopt", "dead", "keep"):
+        raise ValueError("must be adopt, dead or keep")
+    return raw
+
+
 def _setting(
     env: str,
     default: Any,
@@ -194,6 +200,37 @@ class Settings:
     )
     retry_max: float = _setting(
         "SPECTRAL_RETRY_MAX", 600.0, _seconds, "longest retry delay in seconds",
+    )
+    reconcile_enabled: bool = _setting(
+        "SPECTRAL_RECONCILE_ENABLED", True, _bool,
+        "kill switch of the reconciler at start ('spectral reconcile on|off' overrides it live)",
+    )
+    reconcile_interval: float = _setting(
+        "SPECTRAL_RECONCILE_INTERVAL", 30.0, _seconds,
+        "seconds between reconcile passes (one pass per interval across all workers)",
+    )
+    reconcile_grace: float = _setting(
+        "SPECTRAL_RECONCILE_GRACE", 120.0, _seconds,
+        "seconds a row may wait before the reconciler calls it stuck",
+    )
+    reconcile_notify_unblock: bool = _setting(
+        "SPECTRAL_RECONCILE_NOTIFY_UNBLOCK", False, _bool,
+        "report every unblocked item at WARNING and through the app's on_unblock hook",
+    )
+    retire_policy: str = _setting(
+        "SPECTRAL_RETIRE_POLICY", "adopt", _retire_policy,
+        "what happens to a retired generation's PENDING rows: adopt, dead or keep",
+    )
+    retire_grace: float = _setting(
+        "SPECTRAL_RETIRE_GRACE", 300.0, _seconds,
+        "seconds after its last worker's beat (or the next deploy) before a generation retires",
+    )
+    listen_enabled: bool = _setting(
+        "SPECTRAL_LISTEN_ENABLED", True, _bool,
+        "kill switch of LISTEN/NOTIFY wake-ups (off: poll only)",
+    )
+    reaper_enabled: bool = _setting(
+        "SPECTRAL_REAPER_ENABLED", True, _bool, "kill switch of the reaper",
     )
     http_host: str = _setting(
         "SPECTRAL_HTTP_HOST", "127.0.0.1", str, "address the HTTP server binds",
