@@ -30,6 +30,10 @@ _CONSTRAINTS: dict[str, tuple[type[errors.SpectralError], str]] = {
     "outbox_payload_size_check": (
         errors.PayloadTooLargeError, "payload too large: over the outbox's size cap",
     ),
+    "outbox_generation_fkey": (
+        errors.NoGenerationError,
+        "unknown generation: it is not in core.deployments (allocate it first)",
+    ),
 }
 
 _UNAVAILABLE = (
@@ -41,6 +45,8 @@ _UNAVAILABLE = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.ConnectionFailureError,
     asyncpg.exceptions.TooManyConnectionsError,
+    # Raised when a pooled connection is released or reset while the server shuts down.
+    asyncpg.exceptions.InternalClientError,
 )
 
 

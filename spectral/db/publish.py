@@ -28,10 +28,11 @@ class _TxLike(Protocol):
 def _producer_generation(explicit: int | None) -> int | None:
     if explicit is not None:
         return explicit
-    if os.environ.get("SPECTRAL_GENERATION", "").strip():
-        generation = Settings.load(overrides={}).generation
-        return generation
-    return None
+    raw = os.environ.get("SPECTRAL_GENERATION", "")
+    if not raw.strip():
+        return None
+    # Only this variable is read: an unrelated bad SPECTRAL_* value must not stop publishing.
+    return Settings.load({"SPECTRAL_GENERATION": raw}).generation
 
 
 async def publish(

@@ -34,3 +34,9 @@ BEGIN
     RETURN newest;
 END;
 $$;
+
+-- Every row's generation must be an allocated one, whatever the producer (core.publish or
+-- a direct INSERT). NOT VALID: rows written before this migration are not rechecked.
+ALTER TABLE core.outbox
+    ADD CONSTRAINT outbox_generation_fkey FOREIGN KEY (generation)
+    REFERENCES core.deployments (generation) NOT VALID;
