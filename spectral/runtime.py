@@ -29,6 +29,8 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
 import trio
 
@@ -108,20 +110,69 @@ class _Exit:
     code: int = EXIT_OK
 
 
-def _watchdog(state: RuntimeState, seconds: float) -> None:
-    """Thread: if the process is still here long after the drain deadline, a turn is
-    blocking the trio thread (trio cannot cancel blocking code). Name it and exit."""
-    time.sleep(seconds)
-    stuck = state.stuck_turns()
-    names = ", ".join(f"{t.handler} on event {t.event_id}" for t in stuck) or "unknown"
-    log.critical(
-        "drain deadline passed %.0fs ago and the process is still running: a turn is stuck "
-        "in blocking code (%s); exiting, the reaper will recover its row",
-        WATCHDOG_GRACE, names, extra={"worker_id": state.worker_id},
-    )
-    for handler in logging.getLogger("spectral").handlers:
-        handler.flush()
-    os._exit(EXIT_STUCK)
+class _DrainWatchdog:
+    """Exits the process when a turn blocks the trio thread long past the drain deadline.
+
+    trio cannot cancel blocking code, and while such code holds the trio thread trio's
+    signal task never runs: the drain never begins there. A Python signal handler still
+    runs (the blocking call is interrupted, the handler runs in the main thread), so the
+    first SIGTERM/SIGINT arms the watchdog from a handler chained in front of trio's. The
+    handler only writes a byte to a pipe: no lock is taken in signal context.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.state: RuntimeState | None = None
+        self._finished = False
+        self._armed = False
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        threading.Thread(target=self._run, name="spectral-drain-watchdog", daemon=True).start()
+
+    def install(self, *signums: int) -> None:
+        """Chain in front of the handlers installed now (trio's, restored when it exits)."""
+        for signum in signums:
+            previous = signal.getsignal(signum)
+
+            def handler(num: int, frame: FrameType | None, previous: Any = previous) -> None:
+                if not self._armed:
+                    self._armed = True
+                    self._poke()
+                if callable(previous):
+                    previous(num, frame)
+
+            signal.signal(signum, handler)
+
+    def finish(self) -> None:
+        """The process is exiting normally (call after the signal handlers are restored)."""
+        self._finished = True
+        self._poke()
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._write, b"x")
+        except OSError:  # pragma: no cover - a full pipe has already woken the thread
+            pass
+
+    def _run(self) -> None:
+        os.read(self._read, 1)
+        if not self._finished:
+            time.sleep(self.seconds)
+        if self._finished:
+            os.close(self._read)
+            os.close(self._write)
+            return
+        stuck = self.state.stuck_turns() if self.state is not None else []
+        names = ", ".join(f"{t.handler} on event {t.event_id}" for t in stuck) or "unknown"
+        log.critical(
+            "drain deadline passed %.0fs ago and the process is still running: a turn is stuck "
+            "in blocking code (%s); exiting, the reaper will recover its row",
+            WATCHDOG_GRACE, names,
+            extra={"worker_id": self.state.worker_id if self.state is not None else None},
+        )
+        for handler in logging.getLogger("spectral").handlers:
+            handler.flush()
+        os._exit(EXIT_STUCK)
 
 
 async def _watch_signals(
@@ -134,11 +185,8 @@ async def _watch_signals(
             log.info("%s: draining (stop claiming; %.0fs for in-flight turns)", name,
                      settings.drain_timeout,
                      extra={"worker_id": state.worker_id, "generation": state.generation})
+            # The drain watchdog was armed by the signal handler itself (_DrainWatchdog).
             state.begin_drain(settings.drain_timeout)
-            threading.Thread(
-                target=_watchdog, args=(state, settings.drain_timeout + WATCHDOG_GRACE),
-                name="spectral-drain-watchdog", daemon=True,
-            ).start()
         else:
             log.warning("%s again: cancelling everything", name,
                         extra={"worker_id": state.worker_id})
@@ -199,10 +247,13 @@ async def serve(
     version = load_version(settings.version_file)
     exit = _Exit()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        watchdog = _DrainWatchdog(settings.drain_timeout + WATCHDOG_GRACE)
+        watchdog.install(signal.SIGTERM, signal.SIGINT)
         async with open_database(url, pool_size=settings.pool_size) as store:
             await ensure_schema(url, settings)
             generation = await resolve_generation(store, settings)
             state = RuntimeState(make_worker_id(), generation)
+            watchdog.state = state
             snapshot = QueueSnapshot(store, stale_after=settings.heartbeat_stale_after)
             metrics = Metrics(state, snapshot)
             async with trio.open_nursery() as root:
@@ -230,5 +281,6 @@ async def serve(
                         "http": " ".join(binds) or None, "pid": os.getpid(),
                     })
                 root.cancel_scope.cancel()
+    watchdog.finish()
     log.info("exiting", extra={"exit_code": exit.code})
     return exit.code
