@@ -125,7 +125,8 @@ def _build_parser() -> argparse.ArgumentParser:
     roll.add_argument("--image", help="docker: the image to run")
     roll.add_argument("--name", default="spectral", help="docker: container name prefix")
     roll.add_argument("--old-container", help="docker: the container serving now")
-    roll.add_argument("--port", type=int, default=8080, help="docker: host port to publish")
+    roll.add_argument("--port", type=int,
+                      help="docker: host port for the new container (default: a free one)")
     roll.add_argument("--env-file", help="docker: an env file for the container")
     roll.add_argument("--dry-run", action="store_true", help="docker: print the commands only")
     roll.add_argument("--json", action="store_true", help="print the outcome as JSON")

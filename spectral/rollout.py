@@ -124,14 +124,20 @@ class ProcessTarget:
 
 
 def docker_commands(
-    *, image: str, name: str, generation: int, old_container: str | None, port: int,
+    *, image: str, name: str, generation: int, old_container: str | None, port: int | None,
     drain_seconds: float, env_file: str | None,
 ) -> dict[str, list[list[str]]]:
-    """The docker commands of a rollout, by phase (start, health, cutover, rollback)."""
+    """The docker commands of a rollout, by phase (start, health, cutover, rollback).
+
+    The new container runs beside the old one, so it cannot take the old one's host port:
+    without ``port`` docker publishes 8080 on a free host port (the proxy in front moves
+    over). The stop timeout covers the drain, the drain watchdog's 5 s and a margin.
+    """
     new = f"{name}-g{generation}"
-    stop_time = str(int(drain_seconds) + 5)
+    stop_time = str(int(drain_seconds) + 10)
+    publish = "8080" if port is None else f"{port}:8080"
     run = ["docker", "run", "--detach", "--name", new, "--env", f"SPECTRAL_GENERATION={generation}",
-           "--publish", f"{port}:8080", "--stop-signal", "SIGTERM", "--stop-timeout", stop_time]
+           "--publish", publish, "--stop-signal", "SIGTERM", "--stop-timeout", stop_time]
     if env_file:
         run += ["--env-file", env_file]
     run.append(image)

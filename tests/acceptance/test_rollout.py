@@ -131,10 +131,10 @@ def test_docker_target_dry_run_prints_the_hook_commands(db_url: str, tmp_path: P
     lines = result.stdout.strip().splitlines()
     assert lines == [
         f"start: docker run --detach --name spectral-g{generation} --env "
-        f"SPECTRAL_GENERATION={generation} --publish 8080:8080 --stop-signal SIGTERM "
-        "--stop-timeout 10 --env-file prod.env registry.example/app:abc",
+        f"SPECTRAL_GENERATION={generation} --publish 8080 --stop-signal SIGTERM "
+        "--stop-timeout 15 --env-file prod.env registry.example/app:abc",
         f"health: docker inspect --format {{{{.State.Health.Status}}}} spectral-g{generation}",
-        "cutover: docker stop --time 10 spectral-g0",
-        f"rollback: docker stop --time 10 spectral-g{generation}",
+        "cutover: docker stop --time 15 spectral-g0",
+        f"rollback: docker stop --time 15 spectral-g{generation}",
         f"rollback: docker rm spectral-g{generation}",
     ]
