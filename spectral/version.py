@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -17,8 +18,11 @@ from typing import Any
 
 from . import __version__
 
-#: Files whose sha256 identifies the dependency set (the lock hashes of version.json).
-LOCK_FILES = ("pyproject.toml", "requirements.txt", "requirements.lock", "uv.lock", "poetry.lock")
+#: Files whose sha256 identifies the dependency set (the lock hashes of version.json);
+#: the same patterns as deploy/build-version.sh.
+LOCK_PATTERNS = ("pyproject.toml", "requirements*.txt", "*.lock")
+
+log = logging.getLogger("spectral.version")
 
 
 def _dist_version(name: str) -> str:
@@ -40,11 +44,8 @@ def _git_sha(root: Path) -> str | None:
 
 def compute(root: Path) -> dict[str, Any]:
     """version.json's content for the tree at ``root`` (build script and development)."""
-    locks = {
-        name: hashlib.sha256((root / name).read_bytes()).hexdigest()
-        for name in LOCK_FILES
-        if (root / name).is_file()
-    }
+    names = sorted({p.name for pattern in LOCK_PATTERNS for p in root.glob(pattern) if p.is_file()})
+    locks = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in names}
     return {
         "commit_sha": _git_sha(root) or "unknown",
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -84,9 +85,13 @@ def load(path: Path) -> VersionInfo:
     """Read ``path`` (version.json); fall back to values computed from the working tree."""
     try:
         build = json.loads(path.read_text("utf-8"))
-        if isinstance(build, dict):
-            build.setdefault("source", str(path))
-            return VersionInfo(build)
-    except (OSError, ValueError):
-        pass
-    return VersionInfo(compute(Path.cwd()))
+    except FileNotFoundError:
+        return VersionInfo(compute(Path.cwd()))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read %s (%s): /version shows values computed here instead", path, exc)
+        return VersionInfo(compute(Path.cwd()))
+    if not isinstance(build, dict):
+        log.warning("%s is not a JSON object: /version shows values computed here instead", path)
+        return VersionInfo(compute(Path.cwd()))
+    build.setdefault("source", str(path))
+    return VersionInfo(build)
