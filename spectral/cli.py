@@ -80,11 +80,18 @@ def _build_parser() -> argparse.ArgumentParser:
     pub.add_argument("payload", help="a JSON object, e.g. '{\"order_id\": 1}'")
     pub.add_argument("--available-at", help="ISO-8601 time before which it must not run")
 
-    req = sub.add_parser("requeue", parents=[settings], help="put DEAD events back to PENDING")
+    req = sub.add_parser(
+        "requeue", parents=[settings],
+        help="put DEAD events back to PENDING, or move a retired generation's leftovers",
+    )
     target = req.add_mutually_exclusive_group(required=True)
     target.add_argument("--id", type=int, action="append", dest="ids", help="an event id (repeatable)")
     target.add_argument("--topic", help="every DEAD event of this topic")
-    req.add_argument("--to-generation", type=int, help="with --topic: move them to this generation")
+    target.add_argument("--retired-generation", type=int,
+                        help="the PENDING events left in this retired generation "
+                             "(needs --to-generation)")
+    req.add_argument("--to-generation", type=int,
+                     help="with --topic or --retired-generation: move them to this generation")
 
     ins = sub.add_parser("inspect", parents=[settings], help="deployments, workers and the outbox")
     ins.add_argument("--json", action="store_true", help="one JSON object for scripts")
@@ -242,6 +249,13 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings, url: str) -> int:
         async with open_database(url, pool_size=1) as store:
             if args.ids:
                 return await store.requeue_ids(args.ids)
+            if args.retired_generation is not None:
+                if args.to_generation is None:
+                    raise ConfigurationError("--retired-generation needs --to-generation")
+                if not await store.generation_exists(args.to_generation):
+                    raise NoGenerationError(
+                        f"generation {args.to_generation} is not in core.deployments")
+                return await store.requeue_retired(args.retired_generation, args.to_generation)
             check_topic(args.topic)
             return await store.requeue_topic(args.topic, args.to_generation)
 

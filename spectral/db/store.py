@@ -243,6 +243,12 @@ class Store:
     async def requeue_topic(self, topic: str, generation: int | None) -> list[int]:
         return [r["id"] for r in await self.fetch(OUTBOX.requeue_topic, topic, generation)]
 
+    async def requeue_retired(self, generation: int, to_generation: int) -> list[int]:
+        ids = [r["id"] for r in await self.fetch(OUTBOX.requeue_retired, generation, to_generation)]
+        if ids:
+            await self.execute(RECONCILE.record_handover, generation, to_generation, "manual", len(ids))
+        return ids
+
     async def outbox_counts(self) -> list[dict[str, Any]]:
         return await self.fetch(OUTBOX.counts)
 

@@ -149,3 +149,25 @@ def test_development_allocates_a_generation_and_says_so(db_url: str) -> None:
         proc.signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert query(db_url, "SELECT reference FROM core.deployments")[0]["reference"] == "development"
+
+
+def test_rows_kept_in_a_retired_generation_can_be_moved_by_hand(db_url: str) -> None:
+    admin(db_url, "INSERT INTO core.deployments (reference) VALUES ('v1'), ('v2')",
+          "SELECT core.publish('work.item', '{}'::jsonb, NULL, 1) FROM generate_series(1, 4)")
+
+    def requeue(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "spectral", "requeue", *args,
+                               "--database-url", db_url], capture_output=True, text=True, timeout=60)
+
+    # Generation 1 is not retired yet: nothing moves.
+    assert requeue("--retired-generation", "1", "--to-generation", "2").stdout.strip() == (
+        "requeued 0 events")
+    admin(db_url, "UPDATE core.deployments SET retired_at = now(), retire_policy = 'keep'"
+                  " WHERE generation = 1")
+    missing = requeue("--retired-generation", "1")
+    assert missing.returncode == 2 and "needs --to-generation" in missing.stderr
+    moved = requeue("--retired-generation", "1", "--to-generation", "2")
+    assert moved.returncode == 0 and moved.stdout.startswith("requeued 4 events")
+    assert query(db_url, "SELECT DISTINCT generation FROM core.outbox")[0]["generation"] == 2
+    handovers = query(db_url, "SELECT policy, rows FROM core.generation_handovers")
+    assert [dict(r) for r in handovers] == [{"policy": "manual", "rows": 4}]

@@ -133,3 +133,13 @@ SELECT id, generation, topic, payload::text AS payload, status, attempts, availa
        claimed_by, claim_token, claim_expires_at, last_error, dead_reason, created_at,
        done_at, deleted_at
 FROM core.outbox WHERE id = $1;
+
+-- name: requeue_retired
+-- Move the PENDING rows of retired generation $1 into generation $2 (rows kept by the
+-- 'keep' retire policy, or any hand-over done by hand). Returns the moved ids.
+UPDATE core.outbox AS o
+SET generation = $2, available_at = now(), updated_at = now()
+FROM core.deployments AS d
+WHERE d.generation = o.generation AND d.generation = $1 AND d.retired_at IS NOT NULL
+  AND o.status = 'PENDING' AND o.deleted_at IS NULL
+RETURNING o.id;
