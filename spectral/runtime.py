@@ -7,6 +7,7 @@ heartbeat     reconnects with backoff; past SPECTRAL_RECONNECT_BUDGET the proces
 listener      reconnects with backoff (poll-only meanwhile); past the budget, fails
 claimer       reconnects with backoff; past the budget, fails; on drain, finishes & returns
 reaper        a failed pass is logged and the next runs on schedule
+reconciler    a failed sweep or pass is logged and the next runs on schedule
 user actors   restarted with backoff (1 s doubling to 60 s)
 ============  ==========================================================================
 
@@ -39,6 +40,7 @@ from .actors.heartbeat import Heartbeat
 from .actors.http import HttpServer
 from .actors.listener import OutboxListener
 from .actors.reaper import Reaper
+from .actors.reconciler import Reconciler, ReconcileSettings
 from .actors.user import ActorSupervisor
 from .app import App
 from .config import Settings
@@ -195,6 +197,15 @@ async def _watch_signals(
             return
 
 
+def reconcile_settings(settings: Settings) -> ReconcileSettings:
+    return ReconcileSettings(
+        enabled=settings.reconcile_enabled, interval=settings.reconcile_interval,
+        grace=settings.reconcile_grace, notify_unblock=settings.reconcile_notify_unblock,
+        stale_after=settings.heartbeat_stale_after, retire_policy=settings.retire_policy,
+        retire_grace=settings.retire_grace, max_payload_bytes=settings.max_payload_bytes,
+    )
+
+
 async def run_workers(
     app: App, settings: Settings, store: Store, state: RuntimeState,
     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -214,10 +225,18 @@ async def run_workers(
                       reconnect_budget=settings.reconnect_budget,
                       environment=settings.environment, service=app.service).run
         )
-        await background.start(
-            OutboxListener(store, state, reconnect_budget=settings.reconnect_budget).listen
-        )
-        await background.start(Reaper(store, state, interval=settings.reap_interval).run)
+        if settings.listen_enabled:
+            await background.start(
+                OutboxListener(store, state, reconnect_budget=settings.reconnect_budget).listen
+            )
+        else:
+            state.listener_mode = "poll-only"
+            log.warning("SPECTRAL_LISTEN_ENABLED=false: no NOTIFY wake-ups, polling only")
+        if settings.reaper_enabled:
+            await background.start(Reaper(store, state, interval=settings.reap_interval).run)
+        else:
+            log.warning("SPECTRAL_REAPER_ENABLED=false: lapsed claims are not reaped here")
+        await background.start(Reconciler(store, state, app, reconcile_settings(settings)).run)
         for spec in app.actors:
             await background.start(
                 ActorSupervisor(spec, store, state,
@@ -273,6 +292,7 @@ async def serve(
                             detail_token=token, host=settings.http_host, port=settings.http_port,
                             drain_budget=settings.drain_timeout, workers=workers,
                             schema_version=len(shipped()),
+                            listen_enabled=settings.listen_enabled,
                         )
                         binds = await serving.start(server.run)
                     log.info("spectral ready", extra={
