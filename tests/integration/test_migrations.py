@@ -219,6 +219,7 @@ def _claim_plan(url: str) -> tuple[str, str, str]:
     async def run() -> tuple[str, str, str]:
         conn = await asyncpg.connect(url, timeout=10)
         try:
+            await conn.execute("INSERT INTO core.deployments (reference) VALUES ('v1')")
             await conn.execute(
                 "INSERT INTO core.outbox (generation, topic, payload, status, done_at)"
                 " SELECT 1, 'orders.created', jsonb_build_object('n', i), 'DONE', now()"
