@@ -187,10 +187,15 @@ def cmd_run(args: argparse.Namespace, settings: Settings, url: str) -> int:
     return trio.run(functools.partial(serve, app, settings, url, workers=workers, http=http))
 
 
+def _payload_cap(settings: Settings) -> int | None:
+    """The cap migrate applies: SPECTRAL_MAX_PAYLOAD_BYTES when given, else unchanged."""
+    return settings.max_payload_bytes if settings.given("max_payload_bytes") else None
+
+
 def cmd_migrate(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> None:
         async with open_database(url, pool_size=1):
-            report = await migrate(url, settings.max_payload_bytes,
+            report = await migrate(url, _payload_cap(settings),
                                    stale_after=settings.heartbeat_stale_after)
         if report.applied:
             for m in report.applied:
@@ -248,6 +253,8 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> list[int]:
         async with open_database(url, pool_size=1) as store:
             if args.ids:
+                if args.to_generation is not None:
+                    raise ConfigurationError("--to-generation goes with --topic or --retired-generation")
                 return await store.requeue_ids(args.ids)
             if args.retired_generation is not None:
                 if args.to_generation is None:

@@ -258,6 +258,13 @@ class Settings:
         "SPECTRAL_LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR",
     )
 
+    #: The settings given by a variable or a flag (not defaults), filled by :meth:`load`.
+    explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    def given(self, name: str) -> bool:
+        """Whether ``name`` was set by a variable or a flag rather than defaulted."""
+        return name in self.explicit
+
     def validate_runtime(self) -> None:
         """Check the settings that only matter to a running worker.
 
@@ -282,7 +289,8 @@ class Settings:
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field[Any], ...]:
-        return dataclasses.fields(cls)
+        """The settings (every field read from a variable), not the bookkeeping ones."""
+        return tuple(f for f in dataclasses.fields(cls) if "env" in f.metadata)
 
     @classmethod
     def load(
@@ -317,7 +325,7 @@ class Settings:
                 if "invalid literal" in reason or "could not convert" in reason:
                     reason = "is not a number"
                 raise ConfigurationError(f"{source}: {reason} (got {shown})") from None
-        return cls(**values)
+        return cls(**values, explicit=frozenset(values))
 
     def resolved_detail_token(self) -> str | None:
         """The /version/detail token: the variable, else the token file's first line.

@@ -74,7 +74,8 @@ async def ensure_schema(url: str, settings: Settings) -> None:
     if not missing:
         return
     if settings.environment in ("development", "test"):
-        report = await migrate(url, settings.max_payload_bytes)
+        cap = settings.max_payload_bytes if settings.given("max_payload_bytes") else None
+        report = await migrate(url, cap)
         log.info("migrated the database (%d migrations; development only)", len(report.applied))
         return
     raise SchemaNotReadyError(
@@ -271,6 +272,8 @@ async def serve(
         async with open_database(url, pool_size=settings.pool_size) as store:
             await ensure_schema(url, settings)
             generation = await resolve_generation(store, settings)
+            # Producers' pre-checks use the cap the database enforces.
+            settings = settings.with_changes(max_payload_bytes=await store.max_payload_bytes())
             state = RuntimeState(make_worker_id(), generation)
             watchdog.state = state
             snapshot = QueueSnapshot(store, stale_after=settings.heartbeat_stale_after)

@@ -23,7 +23,9 @@ from ._backoff import Reconnector
 log = logging.getLogger("spectral.claimer")
 
 #: Seconds the settler may spend, on cancellation, writing the cancelled turns' releases.
-FLUSH_TIMEOUT = 5.0
+FLUSH_TIMEOUT = 4.0
+#: Seconds the last acknowledgements may take while draining (below WATCHDOG_GRACE, 5 s).
+SETTLE_AT_DRAIN_TIMEOUT = 4.0
 
 
 class ClaimerStore(Protocol):
@@ -217,7 +219,9 @@ class Claimer:
         # but bounded: a second signal or a dead database cannot hold the exit for long.
         with trio.CancelScope(shield=draining) as scope:
             if draining:
-                scope.deadline = trio.current_time() + 15
+                # Below the drain watchdog's grace, so a slow database is not mistaken
+                # for a turn stuck in blocking code.
+                scope.deadline = trio.current_time() + SETTLE_AT_DRAIN_TIMEOUT
             while True:
                 try:
                     settled = await self._store.settle(batch)

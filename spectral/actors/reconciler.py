@@ -210,13 +210,12 @@ class Reconciler:
         ids: list[int] = []
         for source, moved_ids in moved.items():
             ids.extend(moved_ids)
-            log.warning("%d rows of retired generation %d: %s", len(moved_ids), source,
-                        {"adopt": f"adopted into generation {target}", "dead": "dead-lettered",
-                         "keep": "kept (policy keep)"}[s.retire_policy],
-                        extra={"generation": source, "to_generation": target})
-        if s.retire_policy == "adopt" and target == self._state.generation and ids:
+            log.warning("%d rows of retired generation %d handed over by its policy "
+                        "(adopted into generation %s, or dead-lettered)", len(moved_ids), source,
+                        target, extra={"generation": source, "to_generation": target})
+        if target == self._state.generation and ids:
             self._state.wake()
-        return [] if s.retire_policy == "keep" else ids
+        return ids
 
     async def _stale_workers(self) -> int:
         stale = await self._store.stale_workers(self._settings.stale_after)
@@ -255,12 +254,12 @@ def _user_sweep(
         tx = Tx(turn, state.generation, max_payload_bytes)
         try:
             count = await fn(tx, cutoff)
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise TypeError(f"a sweep must return how many items it unblocked, got {count!r}")
         except BaseException:
             await turn.rollback()
             raise
         await turn.commit()
-        if not isinstance(count, int):
-            raise TypeError(f"a sweep must return how many items it unblocked, got {count!r}")
         return count
 
     return sweep

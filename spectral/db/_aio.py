@@ -308,21 +308,17 @@ async def retire_generations(
             return [], None, {}
         retired = [r[0] for r in await conn.fetch(
             RECONCILE.retire_generations, grace, stale, newest, policy)]
-        if policy == "adopt":
-            rows = await conn.fetch(RECONCILE.adopt_retired, newest)
-        elif policy == "dead":
-            rows = await conn.fetch(RECONCILE.dead_retired)
-        else:
-            rows = await conn.fetch(RECONCILE.kept_retired)
+        # Each retired generation keeps the policy it was retired with.
         moved: dict[int, list[int]] = {}
-        for r in rows:
-            moved.setdefault(int(r["from_generation"]), []).append(int(r["id"]))
-        if policy != "keep":
-            for source, ids in moved.items():
-                await conn.execute(
-                    RECONCILE.record_handover, source, newest if policy == "adopt" else None,
-                    policy, len(ids),
-                )
+        for kind, sql, args in (("adopt", RECONCILE.adopt_retired, (newest,)),
+                                ("dead", RECONCILE.dead_retired, ())):
+            by_source: dict[int, list[int]] = {}
+            for r in await conn.fetch(sql, *args):
+                by_source.setdefault(int(r["from_generation"]), []).append(int(r["id"]))
+            for source, ids in by_source.items():
+                await conn.execute(RECONCILE.record_handover, source,
+                                   newest if kind == "adopt" else None, kind, len(ids))
+                moved.setdefault(source, []).extend(ids)
         return retired, int(newest), moved
 
 

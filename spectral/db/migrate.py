@@ -79,7 +79,7 @@ async def _refuse_contract_with_live_old_workers(
 
 @translated
 async def _migrate(
-    url: str, migrations: list[Migration], max_payload_bytes: int, stale_after: float
+    url: str, migrations: list[Migration], max_payload_bytes: int | None, stale_after: float
 ) -> list[int]:
     conn = await asyncpg.connect(url, timeout=10)
     try:
@@ -107,7 +107,8 @@ async def _migrate(
                     f"the database has migrations this version does not know ({unknown}): "
                     "it was migrated by a newer Spectral"
                 )
-            await conn.execute(PUBLISH.set_max_payload_bytes, max_payload_bytes)
+            if max_payload_bytes is not None:
+                await conn.execute(PUBLISH.set_max_payload_bytes, max_payload_bytes)
             return done
         finally:
             await conn.execute(MIGRATE.unlock)
@@ -116,10 +117,13 @@ async def _migrate(
 
 
 async def migrate(
-    url: str, max_payload_bytes: int, *, stale_after: float = 60.0,
+    url: str, max_payload_bytes: int | None, *, stale_after: float = 60.0,
     migrations: list[Migration] | None = None,
 ) -> MigrationReport:
     """Apply every pending migration (trio-callable, one hop).
+
+    ``max_payload_bytes`` sets the database's payload cap; None leaves it as it is (a
+    cap raised by an operator is not lowered by a later migrate without the setting).
 
     A ``contract`` migration is refused while workers of a generation older than the
     newest deployment have a heartbeat fresher than ``stale_after`` seconds.

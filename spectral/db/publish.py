@@ -12,6 +12,9 @@ import os
 from datetime import datetime
 from typing import Any, Protocol
 
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
 from ..config import Settings
 from ..events import DEFAULT_MAX_PAYLOAD_BYTES, check_topic, encode_payload
 from . import _aio
@@ -83,7 +86,7 @@ async def publish_trio(
     ``target`` is a handler's :class:`spectral.Tx` (the event joins the turn's
     transaction) or an asyncpg connection driven through trio-asyncio.
     """
-    if hasattr(target, "publish") and not hasattr(target, "fetchval"):
+    if not isinstance(target, asyncpg.Connection | PoolConnectionProxy):
         tx: _TxLike = target
         return await tx.publish(topic, payload, available_at=available_at, generation=generation)
     text = encode_payload(payload, max_payload_bytes)

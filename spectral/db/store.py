@@ -337,6 +337,7 @@ class TurnTx:
         self._conn: Any = None
         self._tr: Any = None
         self._closed = False
+        self._failed: str | None = None  # a statement failed: PostgreSQL aborted the transaction
 
     @property
     def opened(self) -> bool:
@@ -360,7 +361,11 @@ class TurnTx:
                 raise ClaimLostError(f"event {self._event_id}: claim lost before the turn began")
             self._conn, self._tr = conn, tr
             return result
-        return await hop(_aio.turn_query, self._pool, self._conn, self._tr, mode, sql, args)
+        try:
+            return await hop(_aio.turn_query, self._pool, self._conn, self._tr, mode, sql, args)
+        except DatabaseError as exc:
+            self._failed = str(exc)
+            raise
 
     async def publish(
         self, topic: str, payload_json: str, available_at: datetime | None,
@@ -377,6 +382,13 @@ class TurnTx:
         """Commit (shielded, bounded): the handler's writes and its ledger row together."""
         if self._conn is None or self._closed:
             return
+        if self._failed is not None:
+            # COMMIT of an aborted transaction is a silent ROLLBACK: never report success.
+            await self.rollback()
+            raise DatabaseError(
+                f"the handler's transaction was aborted by an earlier error ({self._failed}); "
+                "its writes were rolled back"
+            )
         self._closed = True
         with trio.CancelScope(shield=True):
             with trio.fail_after(CLEANUP_TIMEOUT * 2):

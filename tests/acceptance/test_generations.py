@@ -171,3 +171,17 @@ def test_rows_kept_in_a_retired_generation_can_be_moved_by_hand(db_url: str) -> 
     assert query(db_url, "SELECT DISTINCT generation FROM core.outbox")[0]["generation"] == 2
     handovers = query(db_url, "SELECT policy, rows FROM core.generation_handovers")
     assert [dict(r) for r in handovers] == [{"policy": "manual", "rows": 4}]
+
+
+def test_migrate_keeps_a_payload_cap_raised_by_an_operator(db_url: str) -> None:
+    admin(db_url, "SELECT core.set_max_payload_bytes(1048576)")
+
+    def migrate(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "spectral", "migrate", "--database-url", db_url],
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+    assert migrate().returncode == 0
+    cap = "SELECT value FROM core.settings WHERE key = 'max_payload_bytes'"
+    assert query(db_url, cap)[0]["value"] == "1048576"
+    assert migrate(SPECTRAL_MAX_PAYLOAD_BYTES="4096").returncode == 0
+    assert query(db_url, cap)[0]["value"] == "4096"

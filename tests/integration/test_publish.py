@@ -252,7 +252,7 @@ def test_without_any_deployment_publish_raises_NoGenerationError(db_url: str) ->
 
     from_python, from_sql = with_conn(db_url, body)
     assert isinstance(from_python, NoGenerationError)
-    assert "no deployment generation exists" in one_line(from_python)
+    assert "no deployment generation in service" in one_line(from_python)
     assert from_python.__cause__ is None and from_python.__suppress_context__
     assert isinstance(from_sql, asyncpg.PostgresError)
     one_line(from_sql)

@@ -253,3 +253,14 @@ async def test_notify_unblock_reports_each_unblocked_item_through_the_hook(store
     await store.claim(gen, 10, "gone", 3600)
     await Reconciler(store, RuntimeState("r", gen), app, QUICK).run_once()  # notify off
     assert reported == []
+
+
+async def test_a_generation_keeps_the_policy_it_was_retired_with(store: Store) -> None:
+    old, new, ids = await _retire_setup(store)
+    await store.execute("UPDATE core.deployments SET retired_at = now(), retire_policy = 'keep'"
+                        " WHERE generation = $1", old)
+    # This worker's policy is adopt, but generation `old` was retired with keep.
+    report = await Reconciler(store, RuntimeState("r", new), spectral.App(), QUICK).run_once()
+    assert report is not None and report.unblocked["retired_generations"] == 0
+    assert await store.fetchval(
+        "SELECT count(*) FROM core.outbox WHERE generation = $1 AND status = 'PENDING'", old) == 4

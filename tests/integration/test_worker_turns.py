@@ -359,3 +359,49 @@ async def test_turn_cut_off_by_the_drain_deadline_is_released_without_an_attempt
     assert row["status"] == "PENDING" and row["attempts"] == 0
     assert row["claim_token"] is None
     assert "drain deadline" in row["last_error"]
+
+
+async def test_a_handler_that_swallows_a_database_error_does_not_count_as_done(
+    store: Store,
+) -> None:
+    """PostgreSQL turns the COMMIT of an aborted transaction into a ROLLBACK: the turn must
+    fail and retry, not report DONE with its writes gone."""
+    await store.execute("CREATE TABLE effects (event_id bigint PRIMARY KEY)")
+    app = spectral.App(service="t")
+
+    @app.handler("swallow", name="swallow", max_attempts=5)
+    async def swallow(event: spectral.Event, tx: spectral.Tx) -> None:
+        await tx.execute("INSERT INTO effects VALUES ($1)", event.id)
+        if event.attempt == 1:
+            try:
+                await tx.execute("SELECT 1 / 0")
+            except spectral.DatabaseError:
+                pass  # swallowed: the transaction is aborted all the same
+
+    gen = await _generation(store)
+    event_id = await _publish(store, "swallow", {}, gen)
+    async with running(app, store, gen):
+        await wait_until(lambda: _is(store, event_id, "DONE"))
+    row = await store.get_event(event_id)
+    assert row is not None and row["attempts"] == 1
+    assert "aborted by an earlier error" in row["last_error"]
+    assert await store.fetchval("SELECT count(*) FROM effects") == 1
+
+
+async def test_publish_trio_with_a_tx_joins_the_turn(store: Store) -> None:
+    app = spectral.App(service="t")
+    seen: list[int] = []
+
+    @app.handler("first.t", name="first")
+    async def first(event: spectral.Event, tx: spectral.Tx) -> None:
+        await spectral.publish_trio(tx, "second.t", {"from": event.id})
+
+    @app.handler("second.t", name="second")
+    async def second(event: spectral.Event, tx: spectral.Tx) -> None:
+        seen.append(int(event.payload["from"]))
+
+    gen = await _generation(store)
+    event_id = await _publish(store, "first.t", {}, gen)
+    async with running(app, store, gen):
+        await wait_until(lambda: _count_topic(store, "second.t", "DONE", 1))
+    assert seen == [event_id]

@@ -28,7 +28,7 @@ BEGIN
     END IF;
     SELECT max(generation) INTO newest FROM core.deployments WHERE retired_at IS NULL;
     IF newest IS NULL THEN
-        RAISE EXCEPTION 'no deployment generation exists: allocate one first (spectral deploy allocate, or spectral migrate in development)'
+        RAISE EXCEPTION 'no deployment generation in service: allocate one with spectral deploy allocate (in development spectral run and spectral publish allocate one)'
             USING ERRCODE = 'P0002', HINT = 'spectral:no_generation';
     END IF;
     RETURN newest;

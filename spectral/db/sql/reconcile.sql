@@ -103,29 +103,30 @@ WHERE d.retired_at IS NULL
 RETURNING d.generation;
 
 -- name: adopt_retired
--- Move PENDING rows of retired generations into generation $1. Returns the moved rows.
+-- Move PENDING rows of generations retired with policy 'adopt' into generation $1.
 UPDATE core.outbox AS o
 SET generation = $1, updated_at = now()
 FROM core.deployments AS d
-WHERE d.generation = o.generation AND d.retired_at IS NOT NULL
+WHERE d.generation = o.generation AND d.retired_at IS NOT NULL AND d.retire_policy = 'adopt'
   AND o.status = 'PENDING' AND o.deleted_at IS NULL AND o.generation <> $1
 RETURNING o.id, d.generation AS from_generation;
 
 -- name: dead_retired
--- Dead-letter PENDING rows of retired generations. Returns the rows.
+-- Dead-letter PENDING rows of generations retired with policy 'dead'. Returns the rows.
 UPDATE core.outbox AS o
 SET status = 'DEAD', dead_reason = 'generation ' || o.generation || ' retired',
     updated_at = now()
 FROM core.deployments AS d
-WHERE d.generation = o.generation AND d.retired_at IS NOT NULL
+WHERE d.generation = o.generation AND d.retired_at IS NOT NULL AND d.retire_policy = 'dead'
   AND o.status = 'PENDING' AND o.deleted_at IS NULL
 RETURNING o.id, d.generation AS from_generation;
 
 -- name: kept_retired
--- PENDING rows left in retired generations (policy 'keep'), per generation.
+-- PENDING rows left in generations retired with policy 'keep'.
 SELECT o.id, o.generation AS from_generation
 FROM core.outbox AS o
 JOIN core.deployments AS d ON d.generation = o.generation AND d.retired_at IS NOT NULL
+     AND d.retire_policy = 'keep'
 WHERE o.status = 'PENDING' AND o.deleted_at IS NULL;
 
 -- name: record_handover
