@@ -164,7 +164,7 @@ def test_bad_publish_input_exits_2_with_one_line_and_writes_nothing(db_url: str,
 def test_publish_in_production_without_a_deployment_is_refused(db_url: str, tmp_path: Path) -> None:
     result = run("publish", "orders.created", "{}", "--database-url", db_url, cwd=tmp_path,
                  env={"SPECTRAL_ENVIRONMENT": "production"})
-    assert_user_error(result, "no deployment generation exists")
+    assert_user_error(result, "no deployment generation in service")
     assert result.out == []
     assert outbox_rows(db_url) == []
 
