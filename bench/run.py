@@ -84,9 +84,10 @@ class Worker:
         self.peak_rss_kib = 0
 
     @classmethod
-    async def start(cls, argv: list[str], env: dict[str, str], ready_marker: bytes) -> Worker:
+    async def start(cls, argv: list[str], env: dict[str, str], ready_marker: bytes,
+                    cwd: Path = REPO) -> Worker:
         proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+            *argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         return cls(proc, ready_marker)
@@ -223,6 +224,7 @@ class System:
     kind: str  # "spectral", "pgqueuer", "procrastinate" or "raw"
     settings: dict[str, int] = field(default_factory=dict)  # concurrency, batch_size
     max_jobs: int | None = None  # a slow system drains fewer jobs (its rate does not depend on it)
+    tree: Path | None = None  # Spectral only: run this source tree instead of the installed one
 
     def jobs(self, args: argparse.Namespace) -> int:
         return min(args.jobs, self.max_jobs) if self.max_jobs else args.jobs
@@ -316,6 +318,10 @@ class SpectralDriver(Driver):
         env = {"SPECTRAL_DATABASE_URL": url, "SPECTRAL_GENERATION": str(ctx["generation"])}
         for name, value in system.settings.items():
             env[f"SPECTRAL_{name.upper()}"] = str(value)
+        if system.tree is not None:
+            # Run from the tree (first on sys.path); in development the worker applies
+            # any migration the tree adds before it logs ready.
+            return [sys.executable, "-m", "spectral", "worker", "bench.apps:noop_app"], env
         return [str(BIN / "spectral"), "worker", "bench.apps:noop_app"], env
 
 
@@ -388,10 +394,19 @@ REQUIRES = {"spectral": "spectral", "raw": "asyncpg", "pgqueuer": "pgqueuer",
 
 
 def systems(args: argparse.Namespace) -> list[System]:
+    candidate = []
+    if args.candidate is not None:
+        tuned = {"concurrency": args.tuned_concurrency, "batch_size": args.tuned_batch}
+        tree = args.candidate.resolve()
+        candidate = [
+            System("candidate-defaults", "candidate (defaults)", "spectral", tree=tree),
+            System("candidate-tuned", "candidate (tuned)", "spectral", tuned, tree=tree),
+        ]
     return [
         System("spectral-defaults", "spectral (defaults)", "spectral"),
         System("spectral-tuned", "spectral (tuned)", "spectral",
                {"concurrency": args.tuned_concurrency, "batch_size": args.tuned_batch}),
+        *candidate,
         System("pgqueuer-defaults", "pgqueuer (defaults)", "pgqueuer"),
         System("pgqueuer-tuned", "pgqueuer (tuned)", "pgqueuer", {"batch_size": 100}),
         System("procrastinate", "procrastinate", "procrastinate", {"concurrency": 10},
@@ -487,7 +502,8 @@ async def measure(system: System, args: argparse.Namespace, run: int, offset_ok:
                     probes.touch()
                     argv, env = driver.command(system, url, ctx)
                     worker = await Worker.start(
-                        argv, worker_env(BENCH_LATENCY_FILE=str(probes), **env), driver.ready_marker
+                        argv, worker_env(BENCH_LATENCY_FILE=str(probes), **env), driver.ready_marker,
+                        cwd=system.tree or REPO,
                     )
                     try:
                         return await _measure_worker(worker, conn, driver, producer, probes, args,
@@ -697,6 +713,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--analyze", action="store_true",
                    help="ANALYZE the queue table after the bulk insert (statistics that say "
                         "every row is pending, as after a backlog; see README)")
+    p.add_argument("--candidate", type=Path,
+                   help="a copy of this repository with changes to spectral/: its worker runs as "
+                        "candidate-defaults and candidate-tuned beside the installed one (A/B)")
     p.add_argument("--systems", help="comma-separated keys to run (default: all)")
     p.add_argument("--no-sigterm", action="store_true", help="skip the SIGTERM drain runs")
     p.add_argument("--settle", type=float, default=0.5,
