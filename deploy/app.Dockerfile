@@ -12,8 +12,8 @@
 # or is not a JSON object with a commit_sha, and, when SPECTRAL_COMMIT_SHA is passed as a
 # build argument, if it names another commit (a stale file from an earlier build).
 #
-# linux/amd64: on Python 3.12 the package depends on pgserver, which has no linux/arm64
-# wheel (deploy/README.md). BuildKit is required (COPY --chmod, RUN heredoc).
+# Any platform: pgserver (the development database) is only a dependency on x86_64 Linux
+# and macOS, where it has wheels. BuildKit is required (COPY --chmod, RUN heredoc).
 #
 # Not baked in: SPECTRAL_GENERATION (set per deploy on the container: runbook invariant 1)
 # and the database URL or any other secret.

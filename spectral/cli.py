@@ -225,7 +225,8 @@ def cmd_publish(args: argparse.Namespace, settings: Settings, url: str) -> int:
     except json.JSONDecodeError as exc:
         raise InvalidPayloadError(f"invalid payload: not valid JSON ({exc})") from None
     check_topic(args.topic)
-    text = encode_payload(payload, settings.max_payload_bytes)
+    # Without SPECTRAL_MAX_PAYLOAD_BYTES the database's own cap decides (core.publish).
+    text = encode_payload(payload, _payload_cap(settings) or sys.maxsize)
     available_at = None
     if args.available_at:
         try:
@@ -317,6 +318,9 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
             generation = settings.generation
             if generation is not None and args.reference:
                 raise ConfigurationError("give --generation or --reference, not both")
+            if generation is None and args.dry_run:
+                raise ConfigurationError(
+                    "--dry-run allocates nothing: give the generation with --generation N")
             if generation is None:
                 if not args.reference:
                     raise ConfigurationError(

@@ -210,9 +210,9 @@ class Reconciler:
         ids: list[int] = []
         for source, moved_ids in moved.items():
             ids.extend(moved_ids)
-            log.warning("%d rows of retired generation %d handed over by its policy "
-                        "(adopted into generation %s, or dead-lettered)", len(moved_ids), source,
-                        target, extra={"generation": source, "to_generation": target})
+            log.warning("%d rows of retired generation %d handed over by the policy it was "
+                        "retired with (see core.generation_handovers)", len(moved_ids), source,
+                        extra={"generation": source, "newest_live_generation": target})
         if target == self._state.generation and ids:
             self._state.wake()
         return ids

@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 import trio
 import trio_asyncio
 
-from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError
+from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError, SpectralError
 from . import _aio
 from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
 
@@ -363,7 +363,7 @@ class TurnTx:
             return result
         try:
             return await hop(_aio.turn_query, self._pool, self._conn, self._tr, mode, sql, args)
-        except DatabaseError as exc:
+        except SpectralError as exc:  # every server-side error aborts the transaction
             self._failed = str(exc)
             raise
 
@@ -374,9 +374,13 @@ class TurnTx:
         if self._conn is None:
             # Open the transaction with a no-op so the publish joins the turn's writes.
             await self.query("execute", "SELECT 1", ())
-        return await hop(
-            _aio.turn_publish, self._conn, topic, payload_json, available_at, generation
-        )
+        try:
+            return await hop(
+                _aio.turn_publish, self._conn, topic, payload_json, available_at, generation
+            )
+        except SpectralError as exc:  # refused by core.publish: the transaction is aborted
+            self._failed = str(exc)
+            raise
 
     async def commit(self) -> None:
         """Commit (shielded, bounded): the handler's writes and its ledger row together."""

@@ -138,3 +138,11 @@ def test_docker_target_dry_run_prints_the_hook_commands(db_url: str, tmp_path: P
         f"rollback: docker stop --time 15 spectral-g{generation}",
         f"rollback: docker rm spectral-g{generation}",
     ]
+
+
+def test_a_dry_run_allocates_nothing(db_url: str, tmp_path: Path) -> None:
+    result = _spectral(db_url, tmp_path, "deploy", "rollout", "--target", "docker",
+                       "--image", "img", "--reference", "abc", "--dry-run")
+    assert result.returncode == 2
+    assert "give the generation with --generation" in result.stderr
+    assert query(db_url, "SELECT count(*) AS n FROM core.deployments")[0]["n"] == 0

@@ -405,3 +405,27 @@ async def test_publish_trio_with_a_tx_joins_the_turn(store: Store) -> None:
     async with running(app, store, gen):
         await wait_until(lambda: _count_topic(store, "second.t", "DONE", 1))
     assert seen == [event_id]
+
+
+async def test_a_handler_that_swallows_a_refused_publish_does_not_count_as_done(
+    store: Store,
+) -> None:
+    await store.execute("CREATE TABLE effects (event_id bigint)")
+    app = spectral.App(service="t")
+
+    @app.handler("pub.swallow", name="h", max_attempts=5)
+    async def h(event: spectral.Event, tx: spectral.Tx) -> None:
+        await tx.execute("INSERT INTO effects VALUES ($1)", event.id)
+        if event.attempt == 1:
+            try:
+                await tx.publish("next.step", {}, generation=999)  # not allocated
+            except spectral.NoGenerationError:
+                pass
+
+    gen = await _generation(store)
+    event_id = await _publish(store, "pub.swallow", {}, gen)
+    async with running(app, store, gen):
+        await wait_until(lambda: _is(store, event_id, "DONE"))
+    row = await store.get_event(event_id)
+    assert row is not None and row["attempts"] == 1
+    assert await store.fetchval("SELECT count(*) FROM effects") == 1
