@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import importlib
 import json
 import logging
@@ -184,6 +185,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings, url: str) -> int:
     app = load_app(args.app)
     workers = args.command in ("run", "worker")
     http = args.command in ("run", "api")
+    # Everything imported so far lives as long as the process: keep it out of the cyclic
+    # GC's full passes, and out of the final collection at exit (~100 ms of the drain).
+    gc.freeze()
     return trio.run(functools.partial(serve, app, settings, url, workers=workers, http=http))
 
 

@@ -61,16 +61,24 @@ class Claimer:
         self._reconnect_settle = Reconnector("settler", state, reconnect_budget)
         self._send, self._receive = trio.open_memory_channel[Outcome](math.inf)
         self._turn_nursery: trio.Nursery | None = None
+        # Outcomes sent to the settler and not yet written: their rows are still CLAIMED.
+        # They count against the concurrency so claimed-but-unacknowledged rows stay
+        # bounded when the database acknowledges slower than handlers finish.
+        self._unsettled = 0
+        self._capacity = trio.Event()
 
     @property
     def running(self) -> int:
         return self._concurrency - self._slots.value
 
+    def _free(self) -> int:
+        return self._slots.value - self._unsettled
+
     async def run_once(self) -> int:
         """Claim one batch for the free slots and start its turns; returns rows claimed."""
         assert self._turn_nursery is not None, "run_once needs run() to provide a nursery"
-        free = self._slots.value
-        if free == 0 or self._state.draining.is_set():
+        free = self._free()
+        if free <= 0 or self._state.draining.is_set():
             return 0
         limit = min(self._batch_size, free)
         rows = await self._store.claim(
@@ -96,6 +104,7 @@ class Claimer:
                 self._send.send_nowait(
                     Outcome(row, "release", error="cancelled at the drain deadline")
                 )
+                self._unsettled += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # The settler's bounded flush is over: the reaper recovers the row.
                 log.warning("turn cancelled; its row is left to the reaper",
@@ -106,9 +115,11 @@ class Claimer:
             raise
         finally:
             self._slots.release()
+            self._capacity.set()
         if outcome.kind == "lost":
             self._state.counters.lost_claims += 1
         self._send.send_nowait(outcome)
+        self._unsettled += 1
         if self._state.turn_observer is not None:
             duration = trio.current_time() - started
             self._state.turn_observer(duration, row.wait_seconds + duration)
@@ -147,8 +158,8 @@ class Claimer:
 
     async def _claim_loop(self) -> None:
         while not self._state.draining.is_set():
-            if self._slots.value == 0:
-                await self._wait_for_slot()
+            if self._free() <= 0:
+                await self._wait_for_capacity()
                 continue
             try:
                 claimed = await self.run_once()
@@ -166,11 +177,12 @@ class Claimer:
             else:
                 await trio.lowlevel.checkpoint()
 
-    async def _wait_for_slot(self) -> None:
-        # Bounded so the loop notices the drain while every slot is busy.
+    async def _wait_for_capacity(self) -> None:
+        # A turn ending or a batch settled frees capacity; bounded so the loop notices
+        # the drain while everything is busy.
         with trio.move_on_after(self._poll_interval):
-            async with self._slots:
-                pass
+            await self._capacity.wait()
+        self._capacity = trio.Event()
 
     async def _settler(self) -> None:
         """Write finished turns' outcomes in batches, one transaction per batch.
@@ -212,6 +224,13 @@ class Claimer:
             await self._settle(batch, outcomes)
 
     async def _settle(self, batch: Settlement, outcomes: list[Outcome]) -> None:
+        try:
+            await self._write(batch, outcomes)
+        finally:
+            self._unsettled -= len(outcomes)
+            self._capacity.set()
+
+    async def _write(self, batch: Settlement, outcomes: list[Outcome]) -> None:
         if not len(batch) and not batch.ledger:
             return
         draining = self._state.draining.is_set()

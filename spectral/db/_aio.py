@@ -9,7 +9,9 @@ runs it even when the trio caller is cancelled. Driver errors leave translated.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -28,11 +30,36 @@ SESSION_SETTINGS = {
 }
 
 
+#: Set while a unit runs only Spectral's own statements: they leave no session state
+#: behind (no SET, LISTEN, cursor or advisory lock), so the pool may skip its reset query.
+_OWN_STATEMENTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "spectral_own_statements", default=False
+)
+
+
+@contextmanager
+def _own_statements() -> Iterator[None]:
+    """Mark the connections this block releases as running Spectral's statements only."""
+    token = _OWN_STATEMENTS.set(True)
+    try:
+        yield
+    finally:
+        _OWN_STATEMENTS.reset(token)
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    # asyncpg has already rolled back and dropped listeners; this is the rest of its
+    # default reset, one round trip, needed after user SQL (handlers, actors) only.
+    if not _OWN_STATEMENTS.get():
+        await conn.execute(conn.get_reset_query())
+
+
 @translated
 async def create_pool(url: str, min_size: int, max_size: int) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         url, min_size=min_size, max_size=max_size, timeout=10,
         server_settings=SESSION_SETTINGS, max_inactive_connection_lifetime=300,
+        reset=_reset,
     )
 
 
@@ -82,7 +109,8 @@ async def execute(pool: asyncpg.Pool, sql: str, args: Sequence[Any]) -> str:
 async def claim(
     pool: asyncpg.Pool, generation: int, limit: int, worker_id: str, ttl: float
 ) -> list[Record]:
-    return list(await pool.fetch(OUTBOX.claim, generation, limit, worker_id, ttl))
+    with _own_statements():
+        return list(await pool.fetch(OUTBOX.claim, generation, limit, worker_id, ttl))
 
 
 @translated
@@ -97,16 +125,21 @@ async def settle(
     acked: set[int] = set()
     failed: set[int] = set()
     released: set[int] = set()
-    async with pool.acquire() as conn, conn.transaction():
-        if ledger[0]:
-            await conn.execute(OUTBOX.record_handled, *ledger)
-        if ack[0]:
-            acked = {r[0] for r in await conn.fetch(OUTBOX.ack, *ack)}
-        if fail[0]:
-            failed = {r[0] for r in await conn.fetch(OUTBOX.fail, *fail)}
-        if release[0]:
-            released = {r[0] for r in await conn.fetch(OUTBOX.release, *release)}
-    return acked, failed, released
+    with _own_statements():
+        if not fail[0] and not release[0]:
+            # The common batch: one statement (ledger rows and acknowledgements, atomic).
+            rows = await pool.fetch(OUTBOX.ack_with_ledger, *ack, *ledger)
+            return {r[0] for r in rows}, failed, released
+        async with pool.acquire() as conn, conn.transaction():
+            if ledger[0]:
+                await conn.execute(OUTBOX.record_handled, *ledger)
+            if ack[0]:
+                acked = {r[0] for r in await conn.fetch(OUTBOX.ack, *ack)}
+            if fail[0]:
+                failed = {r[0] for r in await conn.fetch(OUTBOX.fail, *fail)}
+            if release[0]:
+                released = {r[0] for r in await conn.fetch(OUTBOX.release, *release)}
+        return acked, failed, released
 
 
 @translated

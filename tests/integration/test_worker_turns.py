@@ -429,3 +429,33 @@ async def test_a_handler_that_swallows_a_refused_publish_does_not_count_as_done(
     row = await store.get_event(event_id)
     assert row is not None and row["attempts"] == 1
     assert await store.fetchval("SELECT count(*) FROM effects") == 1
+
+
+async def test_session_settings_a_handler_changes_do_not_leak_to_the_next_turn(
+    db_url: str,
+) -> None:
+    """The pool skips its reset query after Spectral's own statements only: a handler's
+    SET must still be reset before its connection serves another turn."""
+    from spectral.db import open_database
+
+    app = spectral.App(service="t")
+    seen: list[str] = []
+
+    @app.handler("leak.set", name="setter")
+    async def setter(event: spectral.Event, tx: spectral.Tx) -> None:
+        await tx.execute("SET application_name = 'leaked-by-handler'")
+
+    @app.handler("leak.show", name="shower")
+    async def shower(event: spectral.Event, tx: spectral.Tx) -> None:
+        seen.append(str(await tx.fetchval("SHOW application_name")))
+
+    async with open_database(db_url, pool_size=1) as store:  # one connection: reused
+        gen = await _generation(store)
+        first = await _publish(store, "leak.set", {}, gen)
+        settings = FAST.with_changes(concurrency=1, pool_size=1)
+        async with running(app, store, gen, settings):
+            await wait_until(lambda: _is(store, first, "DONE"))
+            for _ in range(3):
+                await _publish(store, "leak.show", {}, gen)
+            await wait_until(lambda: _count_topic(store, "leak.show", "DONE", 3))
+    assert seen == ["spectral"] * 3

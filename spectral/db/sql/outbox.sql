@@ -6,11 +6,15 @@
 -- Claim up to $2 due PENDING rows of generation $1 for worker $3 for $4 seconds.
 -- $1 generation, $2 limit, $3 worker_id, $4 ttl seconds.
 -- Returns the rows and, for each, the handlers that already committed (fan-out retries).
+-- Due rows go in (available_at, id) order from outbox_due_idx, the one index with that
+-- order, so the plan holds whatever the statistics say. A first attempt skips the ledger
+-- lookup; a row released at a drain deadline (attempts still 0) may then run a handler
+-- that already committed, whose ledger insert finds the row and applies nothing.
 WITH picked AS (
     SELECT id FROM core.outbox
     WHERE generation = $1 AND status = 'PENDING' AND deleted_at IS NULL
       AND available_at <= now()
-    ORDER BY id
+    ORDER BY available_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
@@ -22,7 +26,9 @@ WHERE o.id = picked.id
 RETURNING o.id, o.topic, o.payload::text AS payload, o.generation, o.attempts, o.created_at,
           o.claim_token,
           extract(epoch FROM clock_timestamp() - o.available_at)::float8 AS wait_seconds,
-          ARRAY(SELECT h.handler FROM core.event_handled AS h WHERE h.event_id = o.id) AS handled;
+          CASE WHEN o.attempts = 0 THEN '{}'::text[]
+               ELSE ARRAY(SELECT h.handler FROM core.event_handled AS h WHERE h.event_id = o.id)
+          END AS handled;
 
 -- name: record_handled
 -- Ledger rows for handlers that succeeded without opening a transaction.
@@ -37,7 +43,23 @@ UPDATE core.outbox AS o
 SET status = 'DONE', done_at = now(), updated_at = now(),
     claim_token = NULL, claim_expires_at = NULL
 FROM unnest($1::bigint[], $2::uuid[]) AS a(id, token)
-WHERE o.id = a.id AND o.claim_token = a.token AND o.status = 'CLAIMED'
+WHERE o.id = a.id AND o.claim_token = a.token
+RETURNING o.id;
+
+-- name: ack_with_ledger
+-- A batch of successes in one statement: the ledger rows of handlers that opened no
+-- transaction, and the acknowledgements. $1 ids, $2 claim tokens, $3 handler names,
+-- $4 their event ids. Returns the acknowledged ids.
+WITH ledger AS (
+    INSERT INTO core.event_handled (handler, event_id)
+    SELECT * FROM unnest($3::text[], $4::bigint[])
+    ON CONFLICT DO NOTHING
+)
+UPDATE core.outbox AS o
+SET status = 'DONE', done_at = now(), updated_at = now(),
+    claim_token = NULL, claim_expires_at = NULL
+FROM unnest($1::bigint[], $2::uuid[]) AS a(id, token)
+WHERE o.id = a.id AND o.claim_token = a.token
 RETURNING o.id;
 
 -- name: fail
@@ -53,7 +75,7 @@ SET status = CASE WHEN f.dead THEN 'DEAD' ELSE 'PENDING' END,
     claim_token = NULL, claim_expires_at = NULL, updated_at = now()
 FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[], $5::bool[], $6::text[])
      AS f(id, token, delay, error, dead, reason)
-WHERE o.id = f.id AND o.claim_token = f.token AND o.status = 'CLAIMED'
+WHERE o.id = f.id AND o.claim_token = f.token
 RETURNING o.id;
 
 -- name: release
@@ -66,7 +88,7 @@ SET status = 'PENDING',
     last_error = coalesce(r.error, o.last_error),
     claim_token = NULL, claim_expires_at = NULL, updated_at = now()
 FROM unnest($1::bigint[], $2::uuid[], $3::bool[], $4::text[]) AS r(id, token, charge, error)
-WHERE o.id = r.id AND o.claim_token = r.token AND o.status = 'CLAIMED'
+WHERE o.id = r.id AND o.claim_token = r.token
 RETURNING o.id;
 
 -- name: reap
