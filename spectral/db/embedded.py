@@ -13,6 +13,7 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import warnings
 from dataclasses import dataclass
@@ -74,6 +75,20 @@ def start(data_dir: Path) -> EmbeddedServer:
         ) from None
 
 
+def _let_others_traverse(folder: Path) -> None:
+    """Add the search (x) bit for others on ``folder`` and its parents where it lacks.
+
+    The server runs as 'postgres' and must reach its data directory through folders a
+    root shell made private (a home directory, a mkdtemp folder). Only traversal is
+    granted: the folders' contents stay unreadable to others.
+    """
+    for path in (folder, *folder.parents):
+        mode = path.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            log.info("letting the postgres user traverse %s (o+x)", path)
+            path.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
 def _start_from_path(pgdata: Path) -> EmbeddedServer:
     bindir = _bin_dir()
     if bindir is None:
@@ -91,6 +106,7 @@ def _start_from_path(pgdata: Path) -> EmbeddedServer:
                 f"running as root and there is no 'postgres' user to run the server; {_HOW_TO}"
             ) from None
         os.chown(pgdata, pw.pw_uid, pw.pw_gid)
+        _let_others_traverse(pgdata.parent)
         run_as = ["runuser", "-u", "postgres", "--"]
     try:
         if not (pgdata / "PG_VERSION").exists():
