@@ -3,6 +3,7 @@ their claim TTL, and are applied exactly once."""
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 from pathlib import Path
@@ -56,3 +57,23 @@ def test_a_sigkilled_worker_s_rows_are_released_by_the_reconciler_before_the_ttl
     attempts = query(db_url, "SELECT DISTINCT attempts FROM core.outbox")
     assert [a["attempts"] for a in attempts] == [1]
     assert recovered < CLAIM_TTL / 4, recovered
+
+
+def test_two_worker_processes_share_one_reconcile_pass_per_interval(db_url: str) -> None:
+    admin(db_url, EFFECTS_DDL, "INSERT INTO core.deployments (reference) VALUES ('v1')")
+    env = _env(db_url, SPECTRAL_RECONCILE_INTERVAL="0.5")
+    with Spectral("worker", APP, env=env, cwd=ROOT) as a, \
+            Spectral("worker", APP, env=env, cwd=ROOT) as b:
+        a.wait_for("spectral ready")
+        b.wait_for("spectral ready")
+        admin(db_url, "DELETE FROM core.reconcile_passes")
+        time.sleep(4.0)
+        rows = query(db_url, "SELECT worker_id, started_at FROM core.reconcile_passes ORDER BY started_at")
+        a.signal(signal.SIGTERM)
+        b.signal(signal.SIGTERM)
+        assert a.wait(30) == 0 and b.wait(30) == 0
+    # One pass per 0.5 s interval (passes start at least 0.4 s apart), not one per worker.
+    assert 5 <= len(rows) <= 10, len(rows)
+    starts = [r["started_at"] for r in rows]
+    gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.4, gaps
