@@ -50,6 +50,7 @@ from .metrics import Metrics
 from .observe import OBSERVE, QueueSnapshot
 from .state import RuntimeState
 from .turns import RetryPolicy, TurnRunner
+from .version import VersionInfo
 from .version import load as load_version
 
 log = logging.getLogger("spectral.runtime")
@@ -251,6 +252,21 @@ async def run_workers(
     state.stopped.set()
 
 
+async def _http_server(
+    app: App, settings: Settings, store: Store, state: RuntimeState, snapshot: QueueSnapshot,
+    metrics: Metrics, version: VersionInfo, token: str | None, *, workers: bool,
+) -> HttpServer:
+    deployed_at = await store.fetchval(OBSERVE.deployed_at, state.generation)
+    return HttpServer(
+        state=state, snapshot=snapshot, metrics=metrics, version=version,
+        service=app.service, environment=settings.environment,
+        deployed_at=None if deployed_at is None else deployed_at.isoformat(),
+        detail_token=token, host=settings.http_host, port=settings.http_port,
+        drain_budget=settings.drain_timeout, workers=workers, schema_version=len(shipped()),
+        listen_enabled=settings.listen_enabled,
+    )
+
+
 async def _api_only(state: RuntimeState) -> None:
     await state.draining.wait()
     state.stopped.set()
@@ -287,15 +303,9 @@ async def serve(
                         serving.start_soon(_api_only, state)
                     binds: list[str] = []
                     if http:
-                        deployed_at = await store.fetchval(OBSERVE.deployed_at, generation)
-                        server = HttpServer(
-                            state=state, snapshot=snapshot, metrics=metrics, version=version,
-                            service=app.service, environment=settings.environment,
-                            deployed_at=None if deployed_at is None else deployed_at.isoformat(),
-                            detail_token=token, host=settings.http_host, port=settings.http_port,
-                            drain_budget=settings.drain_timeout, workers=workers,
-                            schema_version=len(shipped()),
-                            listen_enabled=settings.listen_enabled,
+                        server = await _http_server(
+                            app, settings, store, state, snapshot, metrics, version, token,
+                            workers=workers,
                         )
                         binds = await serving.start(server.run)
                     log.info("spectral ready", extra={
