@@ -31,13 +31,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .actors.claimer import Claimer
 from .actors.heartbeat import Heartbeat
-from .actors.http import HttpServer
 from .actors.listener import OutboxListener
 from .actors.reaper import Reaper
 from .actors.reconciler import Reconciler, ReconcileSettings
@@ -52,6 +51,9 @@ from .state import RuntimeState
 from .turns import RetryPolicy, TurnRunner
 from .version import VersionInfo
 from .version import load as load_version
+
+if TYPE_CHECKING:
+    from .actors.http import HttpServer
 
 log = logging.getLogger("spectral.runtime")
 
@@ -256,6 +258,10 @@ async def _http_server(
     app: App, settings: Settings, store: Store, state: RuntimeState, snapshot: QueueSnapshot,
     metrics: Metrics, version: VersionInfo, token: str | None, *, workers: bool,
 ) -> HttpServer:
+    # Imported here: `spectral worker` never loads the web stack (about a third of the
+    # start-up imports and several MiB of resident memory).
+    from .actors.http import HttpServer
+
     deployed_at = await store.fetchval(OBSERVE.deployed_at, state.generation)
     return HttpServer(
         state=state, snapshot=snapshot, metrics=metrics, version=version,
