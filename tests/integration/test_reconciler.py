@@ -48,7 +48,8 @@ async def test_a_lost_wakeup_is_handled_within_interval_plus_grace(store: Store)
         await wait_until(lambda: _is(store, event_id, "DONE"), seconds=10)
         elapsed = trio.current_time() - t0
     assert handled == [event_id]
-    assert elapsed < 0.5 + 0.5 + 1.5  # interval + grace + one pass's slack
+    # interval + grace + slack for a loaded machine: far below the 60 s poll.
+    assert elapsed < 0.5 + 0.5 + 3.0
     assert state.reconcile is not None and state.reconcile["unblocked_total"]["lost_wakeups"] >= 1
 
 
