@@ -191,15 +191,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings, url: str) -> int:
     return trio.run(functools.partial(serve, app, settings, url, workers=workers, http=http))
 
 
-def _payload_cap(settings: Settings) -> int | None:
-    """The cap migrate applies: SPECTRAL_MAX_PAYLOAD_BYTES when given, else unchanged."""
-    return settings.max_payload_bytes if settings.given("max_payload_bytes") else None
-
-
 def cmd_migrate(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> None:
         async with open_database(url, pool_size=1):
-            report = await migrate(url, _payload_cap(settings),
+            report = await migrate(url, settings.payload_cap_to_apply,
                                    stale_after=settings.heartbeat_stale_after)
         if report.applied:
             for m in report.applied:
@@ -230,7 +225,7 @@ def cmd_publish(args: argparse.Namespace, settings: Settings, url: str) -> int:
         raise InvalidPayloadError(f"invalid payload: not valid JSON ({exc})") from None
     check_topic(args.topic)
     # Without SPECTRAL_MAX_PAYLOAD_BYTES the database's own cap decides (core.publish).
-    text = encode_payload(payload, _payload_cap(settings) or sys.maxsize)
+    text = encode_payload(payload, settings.payload_cap_to_apply or sys.maxsize)
     available_at = None
     if args.available_at:
         try:

@@ -265,6 +265,12 @@ class Settings:
         """Whether ``name`` was set by a variable or a flag rather than defaulted."""
         return name in self.explicit
 
+    @property
+    def payload_cap_to_apply(self) -> int | None:
+        """The payload cap migrate writes: SPECTRAL_MAX_PAYLOAD_BYTES when given; None
+        leaves the database's cap as it is (an operator's raised cap is kept)."""
+        return self.max_payload_bytes if self.given("max_payload_bytes") else None
+
     def validate_runtime(self) -> None:
         """Check the settings that only matter to a running worker.
 

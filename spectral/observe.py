@@ -12,12 +12,11 @@ from typing import Any, Protocol
 
 import trio
 
-from .db._queries import Queries
+from .db._queries import OBSERVE
 from .errors import DatabaseError
 
 log = logging.getLogger("spectral.observe")
 
-OBSERVE = Queries("observe.sql")
 
 
 class ObserveStore(Protocol):

@@ -44,9 +44,10 @@ from .actors.user import ActorSupervisor
 from .app import App
 from .config import Settings
 from .db import Store, applied_versions, migrate, open_database, shipped
+from .db._queries import OBSERVE
 from .errors import ConfigurationError, NoGenerationError, SchemaNotReadyError
 from .metrics import Metrics
-from .observe import OBSERVE, QueueSnapshot
+from .observe import QueueSnapshot
 from .state import RuntimeState
 from .turns import RetryPolicy, TurnRunner
 from .version import VersionInfo
@@ -77,8 +78,7 @@ async def ensure_schema(url: str, settings: Settings) -> None:
     if not missing:
         return
     if settings.environment in ("development", "test"):
-        cap = settings.max_payload_bytes if settings.given("max_payload_bytes") else None
-        report = await migrate(url, cap)
+        report = await migrate(url, settings.payload_cap_to_apply)
         log.info("migrated the database (%d migrations; development only)", len(report.applied))
         return
     raise SchemaNotReadyError(

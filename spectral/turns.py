@@ -110,8 +110,8 @@ class TurnRunner:
         """Run the row's pending handlers and decide its outcome.
 
         Cancellation: a cancellation from outside (the drain deadline, or shutdown) rolls
-        back the open transaction and returns a ``release`` outcome that charges no
-        attempt; the caller settles it and re-raises.
+        back the open transaction and propagates; the claimer then releases the row
+        without charging an attempt.
         """
         handlers = self._app.handlers_for(row.topic)
         if not handlers:
@@ -157,9 +157,9 @@ class TurnRunner:
             return Outcome(row, "ack", ledger=ledger)
         failed_specs = [f[0] for f in failures]
         error = "; ".join(f[1] for f in failures)[:MAX_ERROR_LENGTH]
-        dead = attempt >= self._policy.limit(failed_specs)
-        if dead:
-            reason = f"failed {attempt} of {self._policy.limit(failed_specs)} attempts"
+        failed_limit = self._policy.limit(failed_specs)
+        if attempt >= failed_limit:
+            reason = f"failed {attempt} of {failed_limit} attempts"
             self._log(logging.WARNING, "dead", row, attempt=attempt, error=error)
             return Outcome(row, "fail", ledger=ledger, error=error, dead=True, reason=reason)
         delay = self._policy.delay(attempt, self._rng)

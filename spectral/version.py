@@ -39,7 +39,9 @@ def _git_sha(root: Path) -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def compute(root: Path) -> dict[str, Any]:

@@ -235,14 +235,6 @@ async def turn_query(
 
 
 @translated
-async def turn_publish(
-    conn: asyncpg.Connection, topic: str, payload: str,
-    available_at: datetime | None, generation: int | None,
-) -> int:
-    return int(await conn.fetchval(PUBLISH.publish, topic, payload, available_at, generation))
-
-
-@translated
 async def turn_commit(pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any) -> None:
     try:
         await tr.commit()

@@ -376,7 +376,7 @@ class TurnTx:
             await self.query("execute", "SELECT 1", ())
         try:
             return await hop(
-                _aio.turn_publish, self._conn, topic, payload_json, available_at, generation
+                _aio.publish, self._conn, topic, payload_json, available_at, generation
             )
         except SpectralError as exc:  # refused by core.publish: the transaction is aborted
             self._failed = str(exc)
