@@ -9,7 +9,8 @@ import trio
 
 from spectral.actors._backoff import Reconnector, backoff_delay
 from spectral.errors import DatabaseUnavailableError, ReconnectBudgetExhaustedError
-from spectral.testing import FixedJitter, make_state
+
+from ..fakes import FixedJitter, make_state
 
 DOWN = DatabaseUnavailableError("connection refused")
 

@@ -12,9 +12,10 @@ from spectral.app import App
 from spectral.errors import DatabaseError, DatabaseUnavailableError, ReconnectBudgetExhaustedError
 from spectral.events import Event
 from spectral.state import RuntimeState
-from spectral.testing import FakeStore, FixedJitter, make_state, wait_until
 from spectral.turns import RetryPolicy, TurnRunner
 from spectral.tx import Tx
+
+from ..fakes import FakeStore, FixedJitter, make_state, wait_until
 
 FAST = "job.fast"
 

@@ -8,7 +8,8 @@ import trio
 from spectral.actors.heartbeat import Heartbeat
 from spectral.errors import DatabaseError, DatabaseUnavailableError, ReconnectBudgetExhaustedError
 from spectral.state import RuntimeState
-from spectral.testing import FakeStore, WorkerRow, make_state, wait_until
+
+from ..fakes import FakeStore, WorkerRow, make_state, wait_until
 
 INTERVAL = 30.0
 

@@ -8,7 +8,8 @@ import trio
 from spectral.actors.listener import CHANNEL, OutboxListener
 from spectral.errors import DatabaseError, DatabaseUnavailableError, ReconnectBudgetExhaustedError
 from spectral.state import RuntimeState
-from spectral.testing import FakeStore, make_state, wait_until
+
+from ..fakes import FakeStore, make_state, wait_until
 
 
 def make(store: FakeStore, state: RuntimeState, **kw: float) -> OutboxListener:

@@ -9,7 +9,8 @@ import trio
 
 from spectral.actors.reaper import REAP_BATCH, Reaper
 from spectral.errors import DatabaseError, DatabaseUnavailableError
-from spectral.testing import FakeStore, make_state
+
+from ..fakes import FakeStore, make_state
 
 
 async def lapsed(store: FakeStore, n: int, *, worker_id: str = "dead-worker") -> list[int]:

@@ -14,9 +14,10 @@ from spectral.db import ClaimedRow, Settlement
 from spectral.errors import AlreadyHandledError
 from spectral.events import Event
 from spectral.state import RuntimeState
-from spectral.testing import FakeStore, FakeTurnTx, FixedJitter, make_state
 from spectral.turns import MAX_ERROR_LENGTH, Outcome, RetryPolicy, TurnRunner
 from spectral.tx import Tx
+
+from ..fakes import FakeStore, FakeTurnTx, FixedJitter, make_state
 
 TOPIC = "order.created"
 

@@ -12,7 +12,8 @@ from spectral.actors.user import HEALTHY_AFTER, RESTART_CAP, ActorContext, Actor
 from spectral.app import App
 from spectral.errors import DatabaseUnavailableError, InvalidTopicError
 from spectral.state import RuntimeState
-from spectral.testing import FakeStore, FixedJitter, make_state
+
+from ..fakes import FakeStore, FixedJitter, make_state
 
 
 class Script:

@@ -35,17 +35,17 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio.lowlevel
 
-from .db import ClaimedRow, Settled, Settlement, TurnTx
-from .errors import AlreadyHandledError, ClaimLostError, DatabaseError, DatabaseUnavailableError
-from .state import RuntimeState
+from spectral.db import ClaimedRow, Settled, Settlement, TurnTx
+from spectral.errors import AlreadyHandledError, ClaimLostError, DatabaseError, DatabaseUnavailableError
+from spectral.state import RuntimeState
 
 if TYPE_CHECKING:
-    from .actors.claimer import ClaimerStore
-    from .actors.heartbeat import HeartbeatStore
-    from .actors.listener import ListenerStore
-    from .actors.reaper import ReaperStore
-    from .actors.user import ActorStore
-    from .turns import TurnStore
+    from spectral.actors.claimer import ClaimerStore
+    from spectral.actors.heartbeat import HeartbeatStore
+    from spectral.actors.listener import ListenerStore
+    from spectral.actors.reaper import ReaperStore
+    from spectral.actors.user import ActorStore
+    from spectral.turns import TurnStore
 
 __all__ = [
     "Call", "FakeConnection", "FakeStore", "FakeTurnTx", "FixedJitter", "OutboxRow",
