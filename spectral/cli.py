@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import getpass
 import importlib
 import json
 import logging
@@ -27,6 +28,7 @@ from .errors import (
     InvalidEventError,
     InvalidPayloadError,
     NoGenerationError,
+    RolloutRefusedError,
     SchemaNotReadyError,
     SpectralError,
 )
@@ -37,14 +39,17 @@ if TYPE_CHECKING:
     from .rollout import RolloutResult
 
 DEMO_APP = "spectral.demo:app"
-USER_ERRORS = (ConfigurationError, InvalidEventError, AppLoadError, NoGenerationError,
-               SchemaNotReadyError)
+USER_ERRORS: tuple[type[SpectralError], ...] = (
+    ConfigurationError, InvalidEventError, AppLoadError, NoGenerationError, SchemaNotReadyError,
+    RolloutRefusedError)
 
 
-def _settings_parser() -> argparse.ArgumentParser:
+def _settings_parser(exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("settings (flags override environment variables)")
     for f in Settings.fields():
+        if f.name in exclude:
+            continue
         env = f.metadata["env"]
         also = f.metadata["also"]
         names = " or ".join((env, *also))
@@ -138,6 +143,26 @@ def _build_parser() -> argparse.ArgumentParser:
     roll.add_argument("--env-file", help="docker: an env file for the container")
     roll.add_argument("--dry-run", action="store_true", help="docker: print the commands only")
     roll.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    roll.add_argument("--record", type=Path, help="also write the deploy record to this file")
+    roll.add_argument("--staging-record", type=Path,
+                      help="production: the staging rollout's record file (the gate's evidence)")
+    roll.add_argument("--staging-database-url", metavar="URL",
+                      help="production: the staging database, read only (the gate's evidence)")
+    roll.add_argument("--override-staging-gate", metavar="REASON",
+                      help="production: roll out without staging evidence; the reason is recorded")
+    roll.add_argument("--yes", action="store_true",
+                      help="cut over even when the pre-flight finds work in flight")
+    roll.add_argument("--smoke-wait", type=float,
+                      help="seconds to wait for a reconcile pass in the smoke checks "
+                           "(default 2 x SPECTRAL_RECONCILE_INTERVAL + 5)")
+
+    # --environment filters the records here; it is not the SPECTRAL_ENVIRONMENT setting.
+    hist = dep_sub.add_parser("history", parents=[_settings_parser(exclude=("environment",))],
+                              help="the deploy records, newest first")
+    hist.add_argument("--environment", dest="history_environment",
+                      help="only this environment's records")
+    hist.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    hist.add_argument("--json", action="store_true", help="one JSON array for scripts")
 
     db = sub.add_parser("db", help="the embedded development database")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -307,10 +332,31 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
-    from .rollout import ProcessTarget, docker_commands, rollout_docker, rollout_process
+    from .records import Check, RolloutPlan, preflight, render_record, staging_gate
+    from .rollout import (
+        ProcessTarget,
+        docker_commands,
+        rollout_docker,
+        rollout_process,
+    )
 
     if args.target == "docker" and not args.image:
         raise ConfigurationError("--target docker needs --image")
+    deployed_by = args.deployed_by or getpass.getuser()
+
+    async def write_record(store: Any, rollout_id: int) -> None:
+        if args.record is not None:
+            args.record.parent.mkdir(parents=True, exist_ok=True)
+            args.record.write_text(render_record(await store.rollout_record(rollout_id)), "utf-8")
+            _print(f"deploy record written to {args.record}")
+
+    async def refuse(store: Any, plan: RolloutPlan, generation: int | None, reason: str) -> None:
+        row = await store.record_refused(
+            generation, args.target, environment=plan.environment, reference=plan.reference,
+            deployed_by=deployed_by, reason=reason, checks=[c.as_dict() for c in plan.checks])
+        await write_record(store, int(row["id"]))
+        logging.getLogger("spectral.rollout").warning("rollout refused: %s", reason)
+        raise RolloutRefusedError(reason)
 
     async def main() -> RolloutResult:
         async with open_database(url, pool_size=2) as store:
@@ -320,16 +366,47 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
             if generation is None and args.dry_run:
                 raise ConfigurationError(
                     "--dry-run allocates nothing: give the generation with --generation N")
+            if generation is None and not args.reference:
+                raise ConfigurationError(
+                    "give --generation N (an allocated generation) or --reference REF"
+                )
+            if generation is not None and not await store.generation_exists(generation):
+                raise NoGenerationError(f"generation {generation} is not in core.deployments")
+            reference = args.reference or (
+                await store.generation_reference(generation) if generation is not None else None) or ""
+            plan = RolloutPlan(settings.environment, reference, deployed_by)
+            if not args.dry_run:
+                gate = await staging_gate(
+                    settings.environment, reference, record=args.staging_record,
+                    database_url=args.staging_database_url, override=args.override_staging_gate)
+                plan.staging_evidence, plan.override_reason = gate.evidence, gate.override_reason
+                if gate.check is not None:
+                    plan.checks.append(gate.check)
+                if gate.override_reason:
+                    logging.getLogger("spectral.rollout").warning(
+                        "staging gate overridden: %s", gate.override_reason)
+                if not gate.passed:
+                    await refuse(store, plan, generation, gate.refusal)
+                check, lines = await preflight(store, generation, settings.heartbeat_stale_after)
+                for line in lines:
+                    _print(f"pre-flight: {line}")
+                if not check.passed and not args.yes:
+                    plan.checks.append(check)
+                    await refuse(store, plan, generation,
+                                 f"pre-flight: {check.detail} in the old generations; cut over "
+                                 "in a quiet window or give --yes")
+                plan.checks.append(check if check.passed else
+                                   Check("preflight", False, f"{check.detail}; confirmed with --yes"))
             if generation is None:
-                if not args.reference:
-                    raise ConfigurationError(
-                        "give --generation N (an allocated generation) or --reference REF"
-                    )
-                row = await store.allocate_generation(args.reference, args.deployed_by, args.tag)
+                row = await store.allocate_generation(args.reference, deployed_by, args.tag)
                 generation = int(row["generation"])
                 _print(f"allocated generation {generation}")
-            elif not await store.generation_exists(generation):
-                raise NoGenerationError(f"generation {generation} is not in core.deployments")
+            result = await _roll(store, generation, plan)
+            if result.rollout_id is not None:
+                await write_record(store, result.rollout_id)
+            return result
+
+    async def _roll(store: Any, generation: int, plan: RolloutPlan) -> RolloutResult:
             if args.target == "process":
                 target = ProcessTarget(
                     app=args.app, pidfile=args.pidfile or settings.data_dir / "spectral.pid",
@@ -339,9 +416,12 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
                 )
                 if not settings.database_url:
                     target.extra_env["SPECTRAL_DATABASE_URL"] = url
+                smoke_wait = (2 * settings.reconcile_interval + 5 if args.smoke_wait is None
+                              else args.smoke_wait)
                 return await rollout_process(
                     store, target, generation, health_timeout=args.health_timeout,
-                    drain_wait=settings.drain_timeout + 10, say=_print,
+                    drain_wait=settings.drain_timeout + 10, plan=plan, smoke_wait=smoke_wait,
+                    say=_print,
                 )
             commands = docker_commands(
                 image=args.image, name=args.name, generation=generation,
@@ -351,23 +431,50 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
             return await rollout_docker(
                 store, commands, generation, health_timeout=args.health_timeout,
                 old_container=args.old_container, new_container=f"{args.name}-g{generation}",
-                dry_run=args.dry_run, say=_print,
+                dry_run=args.dry_run, plan=plan, say=_print,
             )
 
     result = trio.run(main)
+    for check in result.checks if not args.json else ():
+        _print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
     if args.json:
         _print(json.dumps(result.as_dict()))
     elif result.status == "success":
         _print(f"success: generation {result.generation} serving ({result.new_process})")
     elif result.status == "rolled_back":
         _print(f"rolled back: {result.reason}")
+
     return 1 if result.status == "rolled_back" else 0
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings, url: str) -> int:
     if args.deploy_command == "rollout":
         return cmd_rollout(args, settings, url)
+    if args.deploy_command == "history":
+        return cmd_history(args, settings, url)
     return cmd_allocate(args, settings, url)
+
+
+def cmd_history(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    async def main() -> list[dict[str, Any]]:
+        async with open_database(url, pool_size=1) as store:
+            return await store.deploy_history(args.history_environment, args.limit)
+
+    rows = trio.run(main)
+    if args.json:
+        _print(json.dumps(rows, default=str, indent=2))
+        return 0
+    _print(f"{'id':>5}  {'environment':<12} {'verdict':<12} {'gen':>4}  {'target':<8} "
+           f"{'finished (UTC)':<19}  {'checks':<7} {'by':<10} reference")
+    for r in rows:
+        passed = sum(1 for c in r["checks"] if c["result"] == "PASS")
+        finished = r["finished_at"] or r["started_at"]
+        _print(f"{r['id']:>5}  {r['environment'] or '-':<12} {r['verdict'] or r['status']:<12} "
+               f"{r['generation'] if r['generation'] is not None else '-':>4}  {r['target']:<8} "
+               f"{finished:%Y-%m-%d %H:%M:%S}  {passed}/{len(r['checks']):<5} "
+               f"{r['deployed_by'] or '-':<10} {r['reference'] or '-'}"
+               + (f"  override: {r['override_reason']}" if r["override_reason"] else ""))
+    return 0
 
 
 def cmd_allocate(args: argparse.Namespace, settings: Settings, url: str) -> int:

@@ -53,7 +53,7 @@ def test_rollout_cuts_over_on_health_and_rolls_back_a_broken_generation(
         pid1 = int(pidfile.read_text())
         served.append(pid1)
 
-        second = _spectral(db_url, tmp_path, "deploy", "rollout", "--reference", "v2")
+        second = _spectral(db_url, tmp_path, "deploy", "rollout", "--reference", "v2", "--yes")
         assert second.returncode == 0, second.stdout + second.stderr
         pid2 = int(pidfile.read_text())
         served.append(pid2)
