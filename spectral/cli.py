@@ -355,8 +355,7 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
             generation, args.target, environment=plan.environment, reference=plan.reference,
             deployed_by=deployed_by, reason=reason, checks=[c.as_dict() for c in plan.checks])
         await write_record(store, int(row["id"]))
-        logging.getLogger("spectral.rollout").warning("rollout refused: %s", reason)
-        raise RolloutRefusedError(reason)
+        raise RolloutRefusedError(reason)  # the one error line is the log of it
 
     async def main() -> RolloutResult:
         async with open_database(url, pool_size=2) as store:
