@@ -269,7 +269,8 @@ async def _http_server(
         deployed_at=None if deployed_at is None else deployed_at.isoformat(),
         detail_token=token, host=settings.http_host, port=settings.http_port,
         drain_budget=settings.drain_timeout, workers=workers, schema_version=latest_version(),
-        listen_enabled=settings.listen_enabled,
+        listen_enabled=settings.listen_enabled, dashboard_store=store,
+        ui_session_ttl=settings.ui_session_ttl, stale_after=settings.heartbeat_stale_after,
     )
 
 
