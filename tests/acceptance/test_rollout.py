@@ -226,6 +226,9 @@ def test_production_is_refused_without_a_staging_pass_and_let_through_with_one(
         front = _front_matter(records / "production.md")
         assert (front["deploy_status"], front["staging_gate"], front["generation"]) == (
             "SUCCESS", "PASS", "1")
+        # The first rollout that deployed anything lists every migration; a refusal is none.
+        applied = query(db_url, "SELECT version, name FROM core.schema_migrations ORDER BY version")
+        assert front["db_migration"] == ", ".join(f"{r['version']:04d}_{r['name']}" for r in applied)
         assert "| staging_gate | PASS | staging record" in (records / "production.md").read_text()
 
         # The staging database, read only, is evidence too.

@@ -89,9 +89,11 @@ ORDER BY id DESC
 LIMIT 1;
 
 -- name: migrations_since
--- Migrations applied after the previous rollout began (all of them before the first one).
+-- Migrations applied after the previous rollout of rollout $1 began (all of them before
+-- the first one); refused rollouts deployed nothing and do not count.
 SELECT version, name FROM core.schema_migrations
-WHERE applied_at > coalesce((SELECT max(started_at) FROM core.rollouts WHERE id < $1), '-infinity')
+WHERE applied_at > coalesce((SELECT max(started_at) FROM core.rollouts
+                             WHERE id < $1 AND status <> 'refused'), '-infinity')
 ORDER BY version;
 
 -- name: generation_reference
