@@ -467,10 +467,11 @@ def cmd_history(args: argparse.Namespace, settings: Settings, url: str) -> int:
            f"{'finished (UTC)':<19}  {'checks':<7} {'by':<10} reference")
     for r in rows:
         passed = sum(1 for c in r["checks"] if c["result"] == "PASS")
+        counted = f"{passed}/{len(r['checks'])}"
         finished = r["finished_at"] or r["started_at"]
         _print(f"{r['id']:>5}  {r['environment'] or '-':<12} {r['verdict'] or r['status']:<12} "
                f"{r['generation'] if r['generation'] is not None else '-':>4}  {r['target']:<8} "
-               f"{finished:%Y-%m-%d %H:%M:%S}  {passed}/{len(r['checks']):<5} "
+               f"{finished:%Y-%m-%d %H:%M:%S}  {counted:<7} "
                f"{r['deployed_by'] or '-':<10} {r['reference'] or '-'}"
                + (f"  override: {r['override_reason']}" if r["override_reason"] else ""))
     return 0

@@ -45,6 +45,7 @@ EVERY_VARIABLE: dict[str, tuple[str, str, object]] = {
     "detail_token": ("SPECTRAL_DETAIL_TOKEN", "0123456789abcdef", "0123456789abcdef"),
     "detail_token_file": ("SPECTRAL_DETAIL_TOKEN_FILE", "/run/secrets/token", Path("/run/secrets/token")),
     "version_file": ("SPECTRAL_VERSION_FILE", "/srv/version.json", Path("/srv/version.json")),
+    "ui_session_ttl": ("SPECTRAL_UI_SESSION_TTL", "90", 90.0),
     "log_format": ("SPECTRAL_LOG_FORMAT", "json", "json"),
     "log_level": ("SPECTRAL_LOG_LEVEL", "debug", "DEBUG"),
 }
