@@ -44,11 +44,36 @@ USER_ERRORS: tuple[type[SpectralError], ...] = (
     RolloutRefusedError)
 
 
-def _settings_parser(exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+_CONNECTION = ("database_url", "data_dir", "log_format", "log_level")
+
+#: The settings each command reads, so its --help and flags name those only (None: every
+#: setting). The environment still supplies all of them; a flag a command does not read
+#: is a usage error instead of being silently ignored.
+COMMAND_SETTINGS: dict[str, tuple[str, ...] | None] = {
+    "run": None,
+    "worker": None,
+    "api": None,
+    "migrate": (*_CONNECTION, "max_payload_bytes", "heartbeat_interval"),
+    "publish": (*_CONNECTION, "generation", "environment", "max_payload_bytes"),
+    "requeue": _CONNECTION,
+    "inspect": (*_CONNECTION, "heartbeat_interval"),
+    "deploy allocate": _CONNECTION,
+    "deploy rollout": (*_CONNECTION, "generation", "environment", "drain_timeout",
+                       "heartbeat_interval", "reconcile_interval"),
+    "deploy history": _CONNECTION,
+    "reconcile": _CONNECTION,
+    "db": ("data_dir", "log_format", "log_level"),
+}
+
+
+def _settings_parser(command: str) -> argparse.ArgumentParser:
+    used = COMMAND_SETTINGS[command]
+    unknown = set(used or ()) - {f.name for f in Settings.fields()}
+    assert not unknown, f"COMMAND_SETTINGS[{command!r}] names no setting {sorted(unknown)}"
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("settings (flags override environment variables)")
     for f in Settings.fields():
-        if f.name in exclude:
+        if used is not None and f.name not in used:
             continue
         env = f.metadata["env"]
         also = f.metadata["also"]
@@ -62,7 +87,6 @@ def _settings_parser(exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    settings = _settings_parser()
     parser = argparse.ArgumentParser(
         prog="spectral",
         description="A worker runtime for transactional-outbox systems on PostgreSQL.",
@@ -71,23 +95,26 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
-        "run", parents=[settings], help="run the workers and the HTTP server (default: the demo app)"
+        "run", parents=[_settings_parser("run")],
+        help="run the workers and the HTTP server (default: the demo app)",
     )
     run.add_argument("app", nargs="?", default=DEMO_APP, help=f"MODULE:APP (default {DEMO_APP})")
-    worker = sub.add_parser("worker", parents=[settings], help="run the workers only (no HTTP)")
+    worker = sub.add_parser("worker", parents=[_settings_parser("worker")],
+                            help="run the workers only (no HTTP)")
     worker.add_argument("app", help="MODULE:APP")
-    api = sub.add_parser("api", parents=[settings], help="serve HTTP only (no workers)")
+    api = sub.add_parser("api", parents=[_settings_parser("api")], help="serve HTTP only (no workers)")
     api.add_argument("app", help="MODULE:APP")
 
-    sub.add_parser("migrate", parents=[settings], help="apply pending migrations of the core schema")
+    sub.add_parser("migrate", parents=[_settings_parser("migrate")],
+                   help="apply pending migrations of the core schema")
 
-    pub = sub.add_parser("publish", parents=[settings], help="publish one event")
+    pub = sub.add_parser("publish", parents=[_settings_parser("publish")], help="publish one event")
     pub.add_argument("topic")
     pub.add_argument("payload", help="a JSON object, e.g. '{\"order_id\": 1}'")
     pub.add_argument("--available-at", help="ISO-8601 time before which it must not run")
 
     req = sub.add_parser(
-        "requeue", parents=[settings],
+        "requeue", parents=[_settings_parser("requeue")],
         help="put DEAD events back to PENDING, or move a retired generation's leftovers",
     )
     target = req.add_mutually_exclusive_group(required=True)
@@ -99,12 +126,14 @@ def _build_parser() -> argparse.ArgumentParser:
     req.add_argument("--to-generation", type=int,
                      help="with --topic or --retired-generation: move them to this generation")
 
-    ins = sub.add_parser("inspect", parents=[settings], help="deployments, workers and the outbox")
+    ins = sub.add_parser("inspect", parents=[_settings_parser("inspect")],
+                         help="deployments, workers and the outbox")
     ins.add_argument("--json", action="store_true", help="one JSON object for scripts")
 
     dep = sub.add_parser("deploy", help="deployment generations")
     dep_sub = dep.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
-    alloc = dep_sub.add_parser("allocate", parents=[settings], help="allocate the next generation")
+    alloc = dep_sub.add_parser("allocate", parents=[_settings_parser("deploy allocate")],
+                               help="allocate the next generation")
     alloc.add_argument("--reference", required=True, help="what is deployed (a commit sha, a tag)")
     alloc.add_argument("--tag", help="a free-form label")
     alloc.add_argument("--deployed-by", help="who deploys")
@@ -112,14 +141,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser("reconcile", help="the reconciler's live kill switch and last pass")
     rec_sub = rec.add_subparsers(dest="reconcile_command", required=True, metavar="ACTION")
-    rec_sub.add_parser("on", parents=[settings], help="enable passes on every worker, live")
-    rec_sub.add_parser("off", parents=[settings], help="disable passes on every worker, live")
-    rec_sub.add_parser("default", parents=[settings],
+    reconcile = _settings_parser("reconcile")
+    rec_sub.add_parser("on", parents=[reconcile], help="enable passes on every worker, live")
+    rec_sub.add_parser("off", parents=[reconcile], help="disable passes on every worker, live")
+    rec_sub.add_parser("default", parents=[reconcile],
                        help="drop the override: SPECTRAL_RECONCILE_ENABLED decides again")
-    rec_sub.add_parser("status", parents=[settings], help="the override and the last pass")
+    rec_sub.add_parser("status", parents=[reconcile], help="the override and the last pass")
 
     roll = dep_sub.add_parser(
-        "rollout", parents=[settings],
+        "rollout", parents=[_settings_parser("deploy rollout")],
         help="start a new generation, health-check it, cut over or roll back",
     )
     roll.add_argument("--reference",
@@ -157,7 +187,7 @@ def _build_parser() -> argparse.ArgumentParser:
                            "(default 2 x SPECTRAL_RECONCILE_INTERVAL + 5)")
 
     # --environment filters the records here; it is not the SPECTRAL_ENVIRONMENT setting.
-    hist = dep_sub.add_parser("history", parents=[_settings_parser(exclude=("environment",))],
+    hist = dep_sub.add_parser("history", parents=[_settings_parser("deploy history")],
                               help="the deploy records, newest first")
     hist.add_argument("--environment", dest="history_environment",
                       help="only this environment's records")
@@ -166,8 +196,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="the embedded development database")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    db_sub.add_parser("start", parents=[settings], help="start it (or reuse it) and print its URL")
-    db_sub.add_parser("stop", parents=[settings], help="stop it")
+    db_settings = _settings_parser("db")
+    db_sub.add_parser("start", parents=[db_settings], help="start it (or reuse it) and print its URL")
+    db_sub.add_parser("stop", parents=[db_settings], help="stop it")
     return parser
 
 
