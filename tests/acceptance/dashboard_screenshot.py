@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.wait import WebDriverWait
 
 from ..pg import Server
 from .browser import chromium
@@ -37,6 +39,8 @@ def main(out: Path = DOCS) -> list[Path]:
                     driver.get(base + "/ui/login")
                     driver.find_element(By.NAME, "token").send_keys(TOKEN)
                     driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+                    WebDriverWait(driver, 15).until(
+                        EC.presence_of_element_located((By.CSS_SELECTOR, "#outbox")))
                     full = driver.execute_script("return document.documentElement.scrollHeight")
                     driver.set_window_size(width, int(full) + 140)
                     out.mkdir(parents=True, exist_ok=True)

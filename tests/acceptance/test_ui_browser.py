@@ -7,6 +7,8 @@ from pathlib import Path
 
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.wait import WebDriverWait
 
 from ..pg import query
 from .browser import chromium
@@ -15,6 +17,16 @@ from .dashboard import TOKEN, running, seed
 
 def text(driver: WebDriver, css: str) -> str:
     return str(driver.find_element(By.CSS_SELECTOR, css).text).strip()
+
+
+def submit_and_wait_for(driver: WebDriver, button_css: str, css: str) -> str:
+    """Click a form's button; once the next page shows ``css``, return its text.
+
+    A click only starts the form's navigation: wait for the new page's element.
+    """
+    driver.find_element(By.CSS_SELECTOR, button_css).click()
+    found = WebDriverWait(driver, 15).until(EC.presence_of_element_located((By.CSS_SELECTOR, css)))
+    return str(found.text).strip()
 
 
 def test_an_operator_logs_in_sees_the_numbers_and_requeues_a_dead_row_to_done(
@@ -26,10 +38,9 @@ def test_an_operator_logs_in_sees_the_numbers_and_requeues_a_dead_row_to_done(
         driver.get(base + "/ui")
         assert driver.current_url == base + "/ui/login"
         driver.find_element(By.NAME, "token").send_keys("a-wrong-token-0123456789")
-        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        assert "wrong token" in text(driver, ".note")
+        assert "wrong token" in submit_and_wait_for(driver, "button[type=submit]", ".note")
         driver.find_element(By.NAME, "token").send_keys(TOKEN)
-        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        submit_and_wait_for(driver, "button[type=submit]", "#outbox")
         assert driver.current_url == base + "/ui"
 
         # The seeded numbers, as the page shows them.
@@ -48,8 +59,8 @@ def test_an_operator_logs_in_sees_the_numbers_and_requeues_a_dead_row_to_done(
         assert driver.find_element(By.CSS_SELECTOR, '[data-verdict="stale_workers"]')
         assert "lost_wakeups" in text(driver, "#reconciler")
 
-        driver.find_element(By.CSS_SELECTOR, f'button[data-requeue="{target}"]').click()
-        assert f"requeued event {target} (DEAD -> PENDING)" in text(driver, ".flash")
+        flash = submit_and_wait_for(driver, f'button[data-requeue="{target}"]', ".flash")
+        assert f"requeued event {target} (DEAD -> PENDING)" in flash
         proc.wait_for(f"ui action: requeued event {target}")
         deadline = time.monotonic() + 20
         while True:

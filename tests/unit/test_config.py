@@ -260,8 +260,8 @@ def test_every_setting_has_a_flag_whose_help_names_its_variable() -> None:
     subparsers = next(
         a for a in parser._actions if a.dest == "command"  # argparse has no public API for this
     )
-    migrate = subparsers.choices["migrate"]  # type: ignore[index]
-    by_flag = {a.option_strings[0]: a.help or "" for a in migrate._actions if a.option_strings}
+    run = subparsers.choices["run"]  # type: ignore[index]
+    by_flag = {a.option_strings[0]: a.help or "" for a in run._actions if a.option_strings}
     for f in Settings.fields():
         flag = "--" + f.name.replace("_", "-")
         assert flag in by_flag, flag
@@ -274,6 +274,6 @@ def test_flags_parsed_by_the_cli_reach_the_settings(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setenv("SPECTRAL_BATCH_SIZE", "11")
     monkeypatch.setenv("SPECTRAL_CONCURRENCY", "12")
-    args = _build_parser().parse_args(["migrate", "--batch-size", "21"])
+    args = _build_parser().parse_args(["run", "--batch-size", "21"])
     settings = _load_settings(args)
     assert (settings.batch_size, settings.concurrency) == (21, 12)
