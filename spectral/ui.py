@@ -18,6 +18,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -146,17 +147,17 @@ class Dashboard:
         sid = request.cookies.get(COOKIE)
         return sid, self.sessions.get(sid)
 
-    async def _action_session(self) -> tuple[Session | None, dict[str, str], Response | None]:
+    async def _action_session(self) -> tuple[Session, dict[str, str]] | Response:
         """The session of a POST action and its form, or the 403 refusal to send."""
         form = dict((await request.form).items())
         _, session = self._session()
         if session is None:
-            return None, form, await _page_response("session expired or missing: log in again", 403)
+            return await _page_response("session expired or missing: log in again", 403)
         presented = form.get("csrf", "")
         if not presented or not hmac.compare_digest(presented.encode(), session.csrf.encode()):
             log.warning("ui action refused: missing or wrong CSRF token", extra={"path": request.path})
-            return None, form, await _page_response("refused: missing or wrong CSRF token", 403)
-        return session, form, None
+            return await _page_response("refused: missing or wrong CSRF token", 403)
+        return session, form
 
     def _done(self, session: Session, message: str) -> Response:
         session.flash.append(message)
@@ -237,54 +238,60 @@ class Dashboard:
 
         @app.post("/ui/logout")
         async def ui_logout() -> Any:
-            session, _, refusal = await self._action_session()
-            if refusal is not None:
-                return refusal
+            checked = await self._action_session()
+            if isinstance(checked, Response):
+                return checked
             self.sessions.close(request.cookies.get(COOKIE))
             response = _see_other("/ui/login")
             response.delete_cookie(COOKIE, path="/ui")
             return response
 
-        @app.post("/ui/requeue")
-        async def ui_requeue() -> Any:
-            session, form, refusal = await self._action_session()
-            if refusal is not None or session is None:
-                return refusal
-            try:
-                event_id = int(form.get("id", ""))
-            except ValueError:
-                return await _page_response("id: not an event id", 400)
-            done = await self._store.requeue_ids([event_id])
-            return self._done(session, f"requeued event {event_id} (DEAD -> PENDING)" if done
-                              else f"event {event_id} is not DEAD: nothing changed")
+        for path, change in (("/ui/requeue", self._requeue), ("/ui/requeue-topic", self._requeue_topic),
+                             ("/ui/reconcile", self._reconcile)):
+            app.add_url_rule(path, endpoint=path, view_func=self._action(change), methods=["POST"])
 
-        @app.post("/ui/requeue-topic")
-        async def ui_requeue_topic() -> Any:
-            session, form, refusal = await self._action_session()
-            if refusal is not None or session is None:
-                return refusal
-            topic = form.get("topic", "")
-            try:
-                check_topic(topic)
-            except InvalidTopicError as exc:
-                return await _page_response(str(exc), 400)
-            ids = await self._store.requeue_topic(topic, None)
-            shown = ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")
-            return self._done(session, f"requeued {len(ids)} DEAD events of topic {topic}"
-                              + (f": {shown}" if ids else ""))
+    def _action(self, change: Callable[[dict[str, str]], Awaitable[str | Response]]) -> Any:
+        """A POST view: check the session and CSRF token, make the change, log it."""
 
-        @app.post("/ui/reconcile")
-        async def ui_reconcile() -> Any:
-            session, form, refusal = await self._action_session()
-            if refusal is not None or session is None:
-                return refusal
-            choice = form.get("state", "")
-            if choice not in ("on", "off", "default"):
-                return await _page_response("state: must be on, off or default", 400)
-            before = await self._store.reconcile_enabled_override()
-            await self._store.set_reconcile_enabled({"on": True, "off": False, "default": None}[choice])
-            names = {True: "on", False: "off", None: "default"}
-            return self._done(session, f"reconciler switched {choice} (override was {names[before]})")
+        async def view() -> Response:
+            checked = await self._action_session()
+            if isinstance(checked, Response):
+                return checked
+            session, form = checked
+            outcome = await change(form)
+            return outcome if isinstance(outcome, Response) else self._done(session, outcome)
+
+        return view
+
+    # --- the actions: each returns what it changed, or the refusal to send ------------
+
+    async def _requeue(self, form: dict[str, str]) -> str | Response:
+        try:
+            event_id = int(form.get("id", ""))
+        except ValueError:
+            return await _page_response("id: not an event id", 400)
+        done = await self._store.requeue_ids([event_id])
+        return (f"requeued event {event_id} (DEAD -> PENDING)" if done
+                else f"event {event_id} is not DEAD: nothing changed")
+
+    async def _requeue_topic(self, form: dict[str, str]) -> str | Response:
+        topic = form.get("topic", "")
+        try:
+            check_topic(topic)
+        except InvalidTopicError as exc:
+            return await _page_response(str(exc), 400)
+        ids = await self._store.requeue_topic(topic, None)
+        shown = ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")
+        return f"requeued {len(ids)} DEAD events of topic {topic}" + (f": {shown}" if ids else "")
+
+    async def _reconcile(self, form: dict[str, str]) -> str | Response:
+        choice = form.get("state", "")
+        if choice not in ("on", "off", "default"):
+            return await _page_response("state: must be on, off or default", 400)
+        before = await self._store.reconcile_enabled_override()
+        await self._store.set_reconcile_enabled({"on": True, "off": False, "default": None}[choice])
+        names = {True: "on", False: "off", None: "default"}
+        return f"reconciler switched {choice} (override was {names[before]})"
 
 
 def _see_other(location: str) -> Response:
