@@ -178,6 +178,7 @@ def _front_matter(path: Path) -> dict[str, str]:
                 for line in lines[1:end])
 
 
+@pytest.mark.slow
 def test_production_is_refused_without_a_staging_pass_and_let_through_with_one(
     db_url: str, staging_db_url: str, tmp_path: Path
 ) -> None:
@@ -300,6 +301,7 @@ def test_the_pre_flight_refuses_a_cut_over_while_old_work_is_claimed_unless_yes(
         _stop_served(tmp_path / "data" / "spectral.pid")
 
 
+@pytest.mark.slow
 def test_a_failed_smoke_check_rolls_back(db_url: str, tmp_path: Path) -> None:
     off = _spectral(db_url, tmp_path, "reconcile", "off")
     assert off.returncode == 0, off.stderr

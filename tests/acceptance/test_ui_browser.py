@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as EC
@@ -29,6 +30,7 @@ def submit_and_wait_for(driver: WebDriver, button_css: str, css: str) -> str:
     return str(found.text).strip()
 
 
+@pytest.mark.slow
 def test_an_operator_logs_in_sees_the_numbers_and_requeues_a_dead_row_to_done(
     db_url: str, tmp_path: Path
 ) -> None:
