@@ -55,6 +55,7 @@ def test_rollout_cuts_over_on_health_and_rolls_back_a_broken_generation(
         pid1 = int(pidfile.read_text())
         served.append(pid1)
 
+        # --yes: the demo keeps generation 1 busy, so the pre-flight may find claimed rows.
         second = _spectral(db_url, tmp_path, "deploy", "rollout", "--reference", "v2", "--yes")
         assert second.returncode == 0, second.stdout + second.stderr
         pid2 = int(pidfile.read_text())
@@ -62,9 +63,10 @@ def test_rollout_cuts_over_on_health_and_rolls_back_a_broken_generation(
         assert pid2 != pid1 and _alive(pid2)
         assert _wait_gone(pid1, 15), "the old generation did not drain and exit"
 
-        broken = _spectral(db_url, tmp_path, "deploy", "rollout", "--reference", "v3",
+        # --yes: the demo keeps generation 2 busy, so the pre-flight may find claimed rows.
+        broken = _spectral(db_url, tmp_path, "deploy", "rollout", "--reference", "v3", "--yes",
                            "--app", "no_such_module:app", "--health-timeout", "20")
-        assert broken.returncode == 1
+        assert broken.returncode == 1, broken.stdout + broken.stderr
         last = broken.stdout.strip().splitlines()[-1]
         assert last.startswith("rolled back: the new process exited with code 2"), last
         assert f"pid {pid2} keeps serving" in last
