@@ -263,6 +263,10 @@ class Settings:
         "SPECTRAL_DETAIL_TOKEN_FILE", None, _optional_path,
         "file holding the /version/detail token (read at start)",
     )
+    ui_session_ttl: float = _setting(
+        "SPECTRAL_UI_SESSION_TTL", 3600.0, _seconds,
+        "seconds a dashboard (/ui) login lasts before the session expires",
+    )
     version_file: Path = _setting(
         "SPECTRAL_VERSION_FILE", Path("/app/version.json"), Path,
         "version.json written at build time; missing: computed from the working tree",

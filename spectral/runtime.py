@@ -43,7 +43,7 @@ from .actors.reconciler import Reconciler, ReconcileSettings
 from .actors.user import ActorSupervisor
 from .app import App
 from .config import Settings
-from .db import Store, applied_versions, migrate, open_database, shipped
+from .db import Store, applied_versions, latest_version, migrate, open_database, shipped
 from .db._queries import OBSERVE
 from .errors import ConfigurationError, NoGenerationError, SchemaNotReadyError
 from .metrics import Metrics
@@ -268,8 +268,9 @@ async def _http_server(
         service=app.service, environment=settings.environment,
         deployed_at=None if deployed_at is None else deployed_at.isoformat(),
         detail_token=token, host=settings.http_host, port=settings.http_port,
-        drain_budget=settings.drain_timeout, workers=workers, schema_version=len(shipped()),
-        listen_enabled=settings.listen_enabled,
+        drain_budget=settings.drain_timeout, workers=workers, schema_version=latest_version(),
+        listen_enabled=settings.listen_enabled, dashboard_store=store,
+        ui_session_ttl=settings.ui_session_ttl, stale_after=settings.heartbeat_stale_after,
     )
 
 

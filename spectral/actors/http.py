@@ -1,6 +1,7 @@
 """The HTTP server actor: hypercorn + quart-trio in the supervisor's nursery.
 
-Endpoints: /health, /ready, /version, /version/detail (bearer token), /queue, /metrics.
+Endpoints: /health, /ready, /version, /version/detail (bearer token), /queue, /metrics,
+and the dashboard under /ui when a token is configured (:mod:`spectral.ui`).
 Health and version serve in-memory state; /ready, /queue and /metrics read a snapshot
 refreshed at most every couple of seconds, never one query per request.
 """
@@ -60,6 +61,7 @@ class HttpServer:
         version: VersionInfo, service: str, environment: str, deployed_at: str | None,
         detail_token: str | None, host: str, port: int, drain_budget: float,
         workers: bool, schema_version: int, listen_enabled: bool = True,
+        dashboard_store: Any = None, ui_session_ttl: float = 3600.0, stale_after: float = 60.0,
     ) -> None:
         self._state = state
         self._snapshot = snapshot
@@ -76,6 +78,10 @@ class HttpServer:
         # With SPECTRAL_LISTEN_ENABLED=false, poll-only is the intended mode, not a failure.
         self._listener_expected = workers and listen_enabled
         self._schema_version = schema_version
+        # The dashboard (spectral.ui) exists only with a token and a store to read.
+        self._dashboard_store = dashboard_store
+        self._ui_session_ttl = ui_session_ttl
+        self._stale_after = stale_after
         self.app = self._build()
 
     # --- the endpoints -------------------------------------------------------------
@@ -191,6 +197,15 @@ class HttpServer:
             await self._snapshot.get()
             return Response(self._metrics.render(), content_type=CONTENT_TYPE)
 
+        if self._token is not None and self._dashboard_store is not None:
+            from ..ui import Dashboard
+
+            Dashboard(
+                store=self._dashboard_store, state=self._state, token=self._token,
+                session_ttl=self._ui_session_ttl, stale_after=self._stale_after,
+                service=self._service, environment=self._environment,
+                listener=lambda: self._listener() if self._workers else None,
+            ).install(app)
         return app
 
     # --- serving -----------------------------------------------------------------------

@@ -14,7 +14,7 @@ import trio
 
 from . import _aio, embedded
 from ._aio import QueryMode
-from .migrate import MigrationReport, applied_versions, migrate, shipped
+from .migrate import MigrationReport, applied_versions, latest_version, migrate, shipped
 from .publish import publish, publish_trio
 from .store import (
     CLEANUP_TIMEOUT,
@@ -30,14 +30,15 @@ from .store import (
     TurnTx,
     asyncio_loop,
     hop,
+    staging_pass,
 )
 from .urls import redact, scrub
 
 __all__ = [
-    "Ack", "ClaimedRow", "Fail", "Handled", "QueryMode", "Release",
-    "Connection", "MigrationReport", "Settled", "Settlement", "Store", "TurnTx",
-    "applied_versions", "asyncio_loop", "migrate", "open_database", "publish", "publish_trio",
-    "redact", "resolve_url", "scrub", "shipped",
+    "Ack", "ClaimedRow", "Connection", "Fail", "Handled", "MigrationReport", "QueryMode",
+    "Release", "Settled", "Settlement", "Store", "TurnTx", "applied_versions", "asyncio_loop",
+    "latest_version", "migrate", "open_database", "publish", "publish_trio", "redact",
+    "resolve_url", "scrub", "shipped", "staging_pass",
 ]
 
 log = logging.getLogger("spectral.db")

@@ -336,3 +336,17 @@ async def retire_generations(
 @translated
 async def conn_fetchval(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> Any:
     return await conn.fetchval(sql, *args)
+
+
+# --- the staging gate ----------------------------------------------------------------
+
+
+@translated
+async def read_only_fetch(url: str, sql: str, args: Sequence[Any]) -> list[Record]:
+    """One query on a read-only session of another database (the staging gate's)."""
+    conn = await asyncpg.connect(url, timeout=10, server_settings={
+        "application_name": "spectral-staging-gate", "default_transaction_read_only": "on"})
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await close_connection(conn, 5)

@@ -52,8 +52,10 @@ def shipped() -> list[Migration]:
             raise MigrationError(f"migration {entry.name} does not declare '-- kind: expand|contract'")
         found.append(Migration(int(match.group(1)), match.group(2), kind.group(1), sql))
     versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise MigrationError(f"migration numbers must run 1..N without gaps, found {versions}")
+    # Numbers are allocated to changes ahead of time, so a release may skip one that has
+    # not landed yet; they must still start at 1 and never repeat.
+    if not versions or versions[0] != 1 or len(set(versions)) != len(versions):
+        raise MigrationError(f"migration numbers must start at 1 and be unique, found {versions}")
     return found
 
 
@@ -130,7 +132,13 @@ async def migrate(
     """
     migrations = shipped() if migrations is None else migrations
     done = await hop(_migrate, url, migrations, max_payload_bytes, stale_after)
-    return MigrationReport([m for m in migrations if m.version in done], len(migrations))
+    return MigrationReport([m for m in migrations if m.version in done], latest_version(migrations))
+
+
+def latest_version(migrations: list[Migration] | None = None) -> int:
+    """The schema version a database is at once ``migrations`` (default: shipped) are applied."""
+    migrations = shipped() if migrations is None else migrations
+    return max((m.version for m in migrations), default=0)
 
 
 @translated

@@ -20,7 +20,7 @@ import trio_asyncio
 from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError, SpectralError
 from . import _aio
 from ._aio import QueryMode
-from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
+from ._queries import DASHBOARD, DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -315,6 +315,70 @@ class Store:
     async def set_max_payload_bytes(self, cap: int) -> None:
         await self.fetchval(PUBLISH.set_max_payload_bytes, cap)
 
+    # --- deploy records and the dashboard ------------------------------------------
+
+    async def begin_record(
+        self, generation: int, target: str, old_process: str | None, *, environment: str,
+        reference: str, deployed_by: str | None, staging_evidence: str | None,
+        override_reason: str | None,
+    ) -> tuple[int, datetime]:
+        rows = await self.fetch(DEPLOYMENTS.begin_record, generation, target, old_process,
+                                environment, reference, deployed_by, staging_evidence,
+                                override_reason)
+        return int(rows[0]["id"]), rows[0]["started_at"]
+
+    async def finish_record(
+        self, rollout_id: int, *, status: str, reason: str, new_process: str | None,
+        verdict: str, checks: list[dict[str, str]], migrations: list[str],
+    ) -> datetime:
+        """Finish rollout ``rollout_id``: a rolled-back generation is retired at once."""
+        await self.fetchval(DEPLOYMENTS.finish_rollout, rollout_id, status, reason, new_process)
+        return await self.fetchval(DEPLOYMENTS.finish_record, rollout_id, verdict,  # type: ignore[no-any-return]
+                                   json.dumps(checks), json.dumps(migrations))
+
+    async def record_refused(
+        self, generation: int | None, target: str, *, environment: str, reference: str | None,
+        deployed_by: str | None, reason: str, checks: list[dict[str, str]],
+    ) -> dict[str, Any]:
+        rows = await self.fetch(DEPLOYMENTS.record_refused, generation, target, environment,
+                                reference, deployed_by, reason, json.dumps(checks))
+        return rows[0]
+
+    async def deploy_history(self, environment: str | None, limit: int) -> list[dict[str, Any]]:
+        rows = await self.fetch(DEPLOYMENTS.deploy_history, environment, limit)
+        for row in rows:
+            row["checks"] = json.loads(row["checks"])
+            row["migrations_applied"] = json.loads(row["migrations_applied"])
+        return rows
+
+    async def rollout_record(self, rollout_id: int) -> dict[str, Any]:
+        rows = await self.fetch(DEPLOYMENTS.rollout_record, rollout_id)
+        row = rows[0]
+        row["checks"] = json.loads(row["checks"])
+        row["migrations_applied"] = json.loads(row["migrations_applied"])
+        return row
+
+    async def migrations_since_previous_rollout(self, rollout_id: int) -> list[str]:
+        rows = await self.fetch(DEPLOYMENTS.migrations_since, rollout_id)
+        return [f"{r['version']:04d}_{r['name']}" for r in rows]
+
+    async def generation_reference(self, generation: int) -> str | None:
+        return await self.fetchval(DEPLOYMENTS.generation_reference, generation)  # type: ignore[no-any-return]
+
+    async def in_flight(self, outside_generation: int | None, stale_after: float) -> list[dict[str, Any]]:
+        """Pre-flight: claimed rows and live workers by generation, except ``outside_generation``."""
+        return await self.fetch(DEPLOYMENTS.in_flight, outside_generation, stale_after)
+
+    async def dead_rows(self, limit: int) -> list[dict[str, Any]]:
+        return await self.fetch(DASHBOARD.dead_rows, limit)
+
+    async def dead_topics(self) -> list[dict[str, Any]]:
+        return await self.fetch(DASHBOARD.dead_topics)
+
+    async def throughput(self, minutes: int) -> list[dict[str, Any]]:
+        """Events acknowledged per minute over the last ``minutes`` minutes, oldest first."""
+        return await self.fetch(DASHBOARD.throughput, minutes)
+
     # --- generic, for the query files of other modules --------------------------------
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
@@ -337,6 +401,18 @@ class Store:
     ) -> Connection:
         """A dedicated connection LISTENing on ``channel`` (a pool would UNLISTEN it)."""
         return Connection(await hop(_aio.listen, self._url, channel, on_notify, on_terminate))
+
+
+async def staging_pass(url: str, reference: str) -> dict[str, Any] | None:
+    """The newest passed staging rollout of ``reference`` in the database at ``url``,
+    read on a read-only session (the staging gate's evidence), or None."""
+    async with asyncio_loop():
+        rows = await hop(_aio.read_only_fetch, url, DEPLOYMENTS.staging_pass, (reference,))
+    if not rows:
+        return None
+    row = dict(rows[0])
+    row["checks"] = json.loads(row["checks"])
+    return row
 
 
 class Connection:

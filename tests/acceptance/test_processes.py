@@ -208,7 +208,11 @@ def test_three_workers_apply_ten_thousand_events_exactly_once(db_url: str, spawn
     assert len(publish(db_url, generation, 10_000)) == 10_000
 
     started = time.monotonic()
-    workers = [spawn(db_url, generation, SPECTRAL_CONCURRENCY="30") for _ in range(3)]
+    # Beats every 2 s: three busy workers on a loaded 2-core box can delay a 0.5 s beat
+    # past the fence (0.75 s), which cancels and releases turns (harmless, but slow).
+    workers = [spawn(db_url, generation, SPECTRAL_CONCURRENCY="30",
+                     SPECTRAL_HEARTBEAT_INTERVAL="2", SPECTRAL_CLAIM_TTL="10")
+               for _ in range(3)]
     ids = [worker_id(w) for w in workers]
     # ~18 s on an idle 2-core box; the margin is for a loaded one.
     wait_until(lambda: statuses(db_url).get("DONE", 0) == 10_000, 75, "10,000 events DONE",

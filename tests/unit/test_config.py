@@ -45,6 +45,7 @@ EVERY_VARIABLE: dict[str, tuple[str, str, object]] = {
     "detail_token": ("SPECTRAL_DETAIL_TOKEN", "0123456789abcdef", "0123456789abcdef"),
     "detail_token_file": ("SPECTRAL_DETAIL_TOKEN_FILE", "/run/secrets/token", Path("/run/secrets/token")),
     "version_file": ("SPECTRAL_VERSION_FILE", "/srv/version.json", Path("/srv/version.json")),
+    "ui_session_ttl": ("SPECTRAL_UI_SESSION_TTL", "90", 90.0),
     "log_format": ("SPECTRAL_LOG_FORMAT", "json", "json"),
     "log_level": ("SPECTRAL_LOG_LEVEL", "debug", "DEBUG"),
 }
@@ -259,8 +260,8 @@ def test_every_setting_has_a_flag_whose_help_names_its_variable() -> None:
     subparsers = next(
         a for a in parser._actions if a.dest == "command"  # argparse has no public API for this
     )
-    migrate = subparsers.choices["migrate"]  # type: ignore[index]
-    by_flag = {a.option_strings[0]: a.help or "" for a in migrate._actions if a.option_strings}
+    run = subparsers.choices["run"]  # type: ignore[index]
+    by_flag = {a.option_strings[0]: a.help or "" for a in run._actions if a.option_strings}
     for f in Settings.fields():
         flag = "--" + f.name.replace("_", "-")
         assert flag in by_flag, flag
@@ -273,7 +274,7 @@ def test_flags_parsed_by_the_cli_reach_the_settings(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setenv("SPECTRAL_BATCH_SIZE", "11")
     monkeypatch.setenv("SPECTRAL_CONCURRENCY", "12")
-    args = _build_parser().parse_args(["migrate", "--batch-size", "21"])
+    args = _build_parser().parse_args(["run", "--batch-size", "21"])
     settings = _load_settings(args)
     assert (settings.batch_size, settings.concurrency) == (21, 12)
 
