@@ -56,6 +56,9 @@ class RuntimeState:
     last_beat: float | None = None  # time.monotonic() of the last heartbeat written
     last_reap: float | None = None  # time.monotonic() of the reaper's last pass
     reconcile: dict[str, Any] | None = None  # the reconciler's settings and last pass
+    # Set before cancelling to stop as a SIGKILL would (spectral.testing's crash()): the
+    # claimer writes no releases and the heartbeat does not mark the worker exited.
+    abandoned: bool = False
     _wake: trio.Event = field(default_factory=trio.Event)
     _health_changed: trio.Event = field(default_factory=trio.Event)
 

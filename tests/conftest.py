@@ -10,10 +10,9 @@ from .pg import Server
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[Server]:
-    server = Server()
-    yield server
-    server.close()
+def pg_server(spectral_server: Server) -> Server:
+    """The session's server: the one spectral.testing's plugin starts for spectral_db."""
+    return spectral_server
 
 
 @pytest.fixture

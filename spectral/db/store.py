@@ -19,7 +19,7 @@ import trio_asyncio
 
 from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError, SpectralError
 from . import _aio
-from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
+from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, TESTING, WORKERS
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -47,7 +47,7 @@ async def asyncio_loop() -> AsyncIterator[None]:
             async with trio_asyncio.open_loop():
                 yield
         except BaseExceptionGroup as group:
-            sole = _sole_exception(group)
+            sole = sole_exception(group)
             if sole is None:
                 raise
             raise sole from None
@@ -55,7 +55,7 @@ async def asyncio_loop() -> AsyncIterator[None]:
         yield
 
 
-def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     inner: BaseException = group
     while isinstance(inner, BaseExceptionGroup):
         if len(inner.exceptions) != 1:
@@ -264,6 +264,17 @@ class Store:
 
     async def set_max_payload_bytes(self, cap: int) -> None:
         await self.fetchval(PUBLISH.set_max_payload_bytes, cap)
+
+    # --- spectral.testing ------------------------------------------------------------
+
+    async def unfinished(self, generation: int) -> int:
+        """Rows of ``generation`` due now or claimed (what ``wait_idle`` waits out)."""
+        return int(await self.fetchval(TESTING.unfinished, generation))
+
+    async def event_state(self, event_id: int) -> dict[str, Any] | None:
+        """Status, attempts, last error and the handlers that committed, or None."""
+        rows = await self.fetch(TESTING.event_state, event_id)
+        return rows[0] if rows else None
 
     # --- generic, for the query files of other modules --------------------------------
 
