@@ -194,6 +194,8 @@ class Claimer:
             try:
                 await self._settle_forever()
             except trio.Cancelled:
+                if self._state.abandoned:
+                    raise  # a simulated SIGKILL: the claims stay as they are
                 with trio.CancelScope(shield=True) as flush:
                     flush.deadline = trio.current_time() + FLUSH_TIMEOUT
                     outcomes: list[Outcome] = []
