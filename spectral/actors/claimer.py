@@ -194,8 +194,6 @@ class Claimer:
             try:
                 await self._settle_forever()
             except trio.Cancelled:
-                if self._state.abandoned:
-                    raise  # a simulated SIGKILL: the claims stay as they are
                 with trio.CancelScope(shield=True) as flush:
                     flush.deadline = trio.current_time() + FLUSH_TIMEOUT
                     outcomes: list[Outcome] = []
@@ -205,7 +203,8 @@ class Claimer:
                     batch = Settlement()
                     for outcome in outcomes:
                         outcome.add_to(batch)
-                    await self._settle(batch, outcomes)
+                    if not self._state.abandoned:  # a simulated SIGKILL writes nothing
+                        await self._settle(batch, outcomes)
                 raise
 
     async def _settle_forever(self) -> None:
