@@ -267,9 +267,9 @@ class Store:
 
     # --- spectral.testing ------------------------------------------------------------
 
-    async def unfinished(self, generation: int) -> int:
-        """Rows of ``generation`` due now or claimed (what ``wait_idle`` waits out)."""
-        return int(await self.fetchval(TESTING.unfinished, generation))
+    async def unfinished(self, generation: int, within: float) -> int:
+        """Rows of ``generation`` claimed, or due within ``within`` seconds (``wait_idle``)."""
+        return int(await self.fetchval(TESTING.unfinished, generation, within))
 
     async def event_state(self, event_id: int) -> dict[str, Any] | None:
         """Status, attempts, last error and the handlers that committed, or None."""

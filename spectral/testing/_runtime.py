@@ -180,24 +180,27 @@ class Runtime:
         return len({event_id for event_id, _ in self.state.in_flight})
 
     async def wait_idle(self, timeout: float = 10) -> None:  # noqa: ASYNC109
-        """Wait until no turn runs and no row of its generation is due or claimed.
+        """Wait until no turn runs and no row of its generation is claimed or due.
 
-        Rows waiting for a retry's backoff (or an ``available_at`` later than now) are not
-        due: the runtime is idle while they wait.
+        A row counts as due if it becomes due before the wait would time out: a retry
+        backing off for a moment is waited for (its next attempt, until it is DONE or
+        DEAD); one scheduled later than that (a long backoff, a far ``available_at``) is not.
 
         Raises:
             TimeoutError: still busy after ``timeout`` seconds.
         """
         unfinished = 0
-        with trio.move_on_after(timeout):
+        deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline):
             while True:
                 self._check_running("wait_idle")
-                unfinished = await self._reader.unfinished(self.generation)
+                within = max(deadline - trio.current_time(), 0.0)
+                unfinished = await self._reader.unfinished(self.generation, within)
                 if unfinished == 0 and not self.state.in_flight:
                     return
                 await trio.sleep(POLL)
         raise TimeoutError(
-            f"wait_idle: still busy after {timeout:g}s ({unfinished} rows due or claimed, "
+            f"wait_idle: still busy after {timeout:g}s ({unfinished} rows claimed or due, "
             f"{self._turns()} turns running)"
         )
 

@@ -1,12 +1,13 @@
 -- Queries of spectral.testing, the users' test kit.
 
 -- name: unfinished
--- Rows of generation $1 a worker of it would still act on: due PENDING rows and CLAIMED
--- rows (running, or finished and not yet acknowledged). Retries waiting for their
--- backoff are not due and do not count.
+-- Rows of generation $1 a worker of it would act on within $2 seconds: CLAIMED rows
+-- (running, or finished and not yet acknowledged) and PENDING rows due by then. Rows
+-- scheduled later (a long retry backoff, a far available_at) do not count.
 SELECT count(*) FROM core.outbox
 WHERE generation = $1 AND deleted_at IS NULL
-  AND (status = 'CLAIMED' OR (status = 'PENDING' AND available_at <= now()));
+  AND (status = 'CLAIMED'
+       OR (status = 'PENDING' AND available_at <= now() + make_interval(secs => $2)));
 
 -- name: event_state
 -- One row's state as a test sees it, with the handlers that committed for it.
