@@ -20,7 +20,7 @@ def db_url(pg_server: Server) -> Iterator[str]:
     """A fresh, migrated database for this test (dropped afterwards)."""
     url = pg_server.fresh()
     yield url
-    pg_server.drop(url)
+    pg_server.drop(url, wait=False)
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def empty_db_url(pg_server: Server) -> Iterator[str]:
     """A fresh database with no core schema."""
     url = pg_server.fresh(migrated=False)
     yield url
-    pg_server.drop(url)
+    pg_server.drop(url, wait=False)
 
 
 @pytest.fixture

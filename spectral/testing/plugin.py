@@ -35,7 +35,7 @@ def spectral_db_url(spectral_server: ScratchServer) -> Iterator[str]:
     """The URL of a fresh, migrated database for this test (dropped afterwards)."""
     url = spectral_server.fresh()
     yield url
-    spectral_server.drop(url)
+    spectral_server.drop(url, wait=False)
 
 
 @pytest.fixture

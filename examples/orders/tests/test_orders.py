@@ -27,7 +27,7 @@ async def eventually(db: TestDatabase, sql: str, expected: object) -> None:
 
 async def test_sigterm_lets_every_confirmation_finish(spectral_db: TestDatabase, fakes: Fakes) -> None:
     await spectral_db.execute(orders.SCHEMA)
-    fakes.mailer.latency = 0.2
+    fakes.mailer.latency = 1  # the provider is slow: the drain waits for it
     async with running(orders.app, spectral_db) as rt:
         await place_orders(rt, 5)
         await rt.wait_in_flight(5)
