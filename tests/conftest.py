@@ -16,11 +16,9 @@ def pg_server(spectral_server: Server) -> Server:
 
 
 @pytest.fixture
-def db_url(pg_server: Server) -> Iterator[str]:
-    """A fresh, migrated database for this test (dropped afterwards)."""
-    url = pg_server.fresh()
-    yield url
-    pg_server.drop(url, wait=False)
+def db_url(spectral_db_url: str) -> str:
+    """A fresh, migrated database for this test (the plugin's; dropped afterwards)."""
+    return spectral_db_url
 
 
 @pytest.fixture
