@@ -40,11 +40,13 @@ async def asyncio_loop() -> AsyncIterator[None]:
     Error handling: trio-asyncio runs the body inside its own nurseries, which wrap any
     exception in nested exception groups. A group holding one exception is unwrapped, so
     ``except DatabaseUnavailableError`` around :func:`spectral.open_database` works
-    (``except*`` handlers match the bare exception as well).
+    (``except*`` handlers match the bare exception as well). A loop opened here ignores
+    the one asyncio error a cancelled connect leaves behind (``_aio.loop_exception_handler``).
     """
     if trio_asyncio.current_loop.get(None) is None:
         try:
-            async with trio_asyncio.open_loop():
+            async with trio_asyncio.open_loop() as loop:
+                loop.set_exception_handler(_aio.loop_exception_handler)
                 yield
         except BaseExceptionGroup as group:
             sole = sole_exception(group)
