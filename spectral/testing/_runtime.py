@@ -32,7 +32,10 @@ TEST_DEFAULTS: Mapping[str, object] = {
     "poll_interval": 0.05,
     "handler_max": 10,
     "drain_timeout": 5,
-    "heartbeat_interval": 0.5,  # a worker counts as gone 1 s after its last beat
+    # A worker fences itself 1.5 s after its last beat written and counts as gone after
+    # 2 s: recovery after crash() takes about 2 s, and a loaded machine's hiccups do not
+    # fence a live worker.
+    "heartbeat_interval": 1,
     "reap_interval": 0.25,
     "reconcile_interval": 0.25,
     "retry_base": 0.05,
