@@ -135,6 +135,14 @@ def _retire_policy(raw: str) -> str:
     return raw
 
 
+def _reason(exc: ValueError) -> str:
+    """A parser's message (ours never echo the value); int()/float()'s own become one line."""
+    reason = str(exc)
+    if "invalid literal" in reason or "could not convert" in reason:
+        return "is not a number"
+    return reason
+
+
 def _setting(
     env: str,
     default: Any,
@@ -363,11 +371,37 @@ class Settings:
                 values[f.name] = meta["parse"](raw)
             except ValueError as exc:
                 shown = "<redacted>" if meta["secret"] else repr(raw)
-                reason = str(exc)  # our parsers' messages never echo the value
-                if "invalid literal" in reason or "could not convert" in reason:
-                    reason = "is not a number"
+                reason = _reason(exc)
                 raise ConfigurationError(f"{source}: {reason} (got {shown})") from None
         return cls(**values, explicit=frozenset(values))
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, object], base: Settings | None = None) -> Settings:
+        """``base`` (default: the defaults) with Python values for some settings, each
+        checked by the same parser as its variable (``spectral.testing.running``).
+
+        Raises:
+            ConfigurationError: an unknown name or a bad value; the message names it.
+        """
+        known = {f.name: f for f in cls.fields()}
+        parsed: dict[str, Any] = {}
+        for name, value in values.items():
+            f = known.get(name)
+            if f is None:
+                raise ConfigurationError(
+                    f"unknown setting {name!r} (the settings are: {', '.join(sorted(known))})"
+                )
+            if isinstance(value, bool) and f.type not in ("bool", bool):
+                raise ConfigurationError(f"{name}: must not be a bool (got {value!r})")
+            raw = "" if value is None else str(value)
+            try:
+                parsed[name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                reason = _reason(exc)
+                shown = "<redacted>" if f.metadata["secret"] else repr(value)
+                raise ConfigurationError(f"{name}: {reason} (got {shown})") from None
+        base = base or cls()
+        return dataclasses.replace(base, **parsed, explicit=base.explicit | frozenset(parsed))
 
     def resolved_detail_token(self) -> str | None:
         """The /version/detail token: the variable, else the token file's first line.

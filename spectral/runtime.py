@@ -279,48 +279,84 @@ async def _api_only(state: RuntimeState) -> None:
     state.stopped.set()
 
 
+async def boot(store: Store, url: str, settings: Settings) -> tuple[Settings, RuntimeState]:
+    """Check the schema, resolve the generation and build the process's state.
+
+    Returns the settings with the payload cap the database enforces (producers'
+    pre-checks use it) and a fresh :class:`RuntimeState`.
+    """
+    await ensure_schema(url, settings)
+    generation = await resolve_generation(store, settings)
+    settings = settings.with_changes(max_payload_bytes=await store.max_payload_bytes())
+    return settings, RuntimeState(make_worker_id(), generation)
+
+
+async def supervise(
+    app: App, settings: Settings, store: Store, state: RuntimeState,
+    signals: AsyncIterator[int], *, workers: bool = True, server: HttpServer | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """Run the workers and/or the HTTP server until drained; returns the exit code.
+
+    Args:
+        signals: where SIGTERM and SIGINT arrive. ``spectral worker`` passes trio's
+            signal receiver; :func:`spectral.testing.running` a channel it feeds, so a
+            test's ``sigterm()`` takes this same path.
+        server: the HTTP server to run beside the workers, if any.
+        task_status: started with the HTTP binds once every actor is running.
+
+    Cancellation:
+        Everything stops at once. With ``state.abandoned`` set (a simulated SIGKILL) the
+        claims and the worker row are left as a killed process leaves them.
+    """
+    exit = _Exit()
+    async with trio.open_nursery() as root:
+        root.start_soon(_watch_signals, signals, state, settings, root.cancel_scope, exit)
+        async with trio.open_nursery() as serving:
+            if workers:
+                await serving.start(run_workers, app, settings, store, state)
+            else:
+                serving.start_soon(_api_only, state)
+            binds: list[str] = await serving.start(server.run) if server is not None else []
+            log.info("spectral ready", extra={
+                "worker_id": state.worker_id, "generation": state.generation,
+                "service": app.service, "handlers": len(app.handlers) if workers else 0,
+                "http": " ".join(binds) or None, "pid": os.getpid(),
+            })
+            task_status.started(binds)
+        root.cancel_scope.cancel()
+    return exit.code
+
+
+def check_startup(app: App, settings: Settings, *, workers: bool = True) -> None:
+    """The checks of the settings and the app made before anything starts."""
+    if workers:
+        settings.validate_runtime()
+    app.check(settings.handler_max)
+
+
 async def serve(
     app: App, settings: Settings, url: str, *, workers: bool = True, http: bool = True
 ) -> int:
     """Run the workers and/or the HTTP server until drained; returns the exit code."""
-    if workers:
-        settings.validate_runtime()
-    app.check(settings.handler_max)
+    check_startup(app, settings, workers=workers)
     token = settings.resolved_detail_token()
     version = load_version(settings.version_file)
-    exit = _Exit()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         watchdog = _DrainWatchdog(settings.drain_timeout + WATCHDOG_GRACE)
         watchdog.install(signal.SIGTERM, signal.SIGINT)
         async with open_database(url, pool_size=settings.pool_size) as store:
-            await ensure_schema(url, settings)
-            generation = await resolve_generation(store, settings)
-            # Producers' pre-checks use the cap the database enforces.
-            settings = settings.with_changes(max_payload_bytes=await store.max_payload_bytes())
-            state = RuntimeState(make_worker_id(), generation)
+            settings, state = await boot(store, url, settings)
             watchdog.state = state
-            snapshot = QueueSnapshot(store, stale_after=settings.heartbeat_stale_after)
-            metrics = Metrics(state, snapshot)
-            async with trio.open_nursery() as root:
-                root.start_soon(_watch_signals, signals, state, settings, root.cancel_scope, exit)
-                async with trio.open_nursery() as serving:
-                    if workers:
-                        await serving.start(run_workers, app, settings, store, state)
-                    else:
-                        serving.start_soon(_api_only, state)
-                    binds: list[str] = []
-                    if http:
-                        server = await _http_server(
-                            app, settings, store, state, snapshot, metrics, version, token,
-                            workers=workers,
-                        )
-                        binds = await serving.start(server.run)
-                    log.info("spectral ready", extra={
-                        "worker_id": state.worker_id, "generation": generation,
-                        "service": app.service, "handlers": len(app.handlers) if workers else 0,
-                        "http": " ".join(binds) or None, "pid": os.getpid(),
-                    })
-                root.cancel_scope.cancel()
+            server = None
+            if http:
+                snapshot = QueueSnapshot(store, stale_after=settings.heartbeat_stale_after)
+                server = await _http_server(
+                    app, settings, store, state, snapshot, Metrics(state, snapshot), version,
+                    token, workers=workers,
+                )
+            code = await supervise(app, settings, store, state, signals, workers=workers,
+                                   server=server)
     watchdog.finish()
-    log.info("exiting", extra={"exit_code": exit.code})
-    return exit.code
+    log.info("exiting", extra={"exit_code": code})
+    return code

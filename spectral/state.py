@@ -57,6 +57,9 @@ class RuntimeState:
     lease_renewed: float | None = None  # trio.current_time() of the last row write
     last_reap: float | None = None  # time.monotonic() of the reaper's last pass
     reconcile: dict[str, Any] | None = None  # the reconciler's settings and last pass
+    # Set before cancelling to stop as a SIGKILL would (spectral.testing's crash()): the
+    # claimer writes no releases and the heartbeat does not mark the worker exited.
+    abandoned: bool = False
     _wake: trio.Event = field(default_factory=trio.Event)
     _health_changed: trio.Event = field(default_factory=trio.Event)
 

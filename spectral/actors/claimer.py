@@ -275,7 +275,8 @@ class Claimer:
                     batch = Settlement()
                     for outcome in outcomes:
                         outcome.add_to(batch)
-                    await self._settle(batch, outcomes)
+                    if not self._state.abandoned:  # a simulated SIGKILL writes nothing
+                        await self._settle(batch, outcomes)
                 raise
 
     async def _settle_forever(self) -> None:

@@ -55,6 +55,27 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute(conn.get_reset_query())
 
 
+#: What asyncpg's TCP connection set-up leaves in a future nobody awaits when the connect
+#: (or the CancelRequest connection of a cancelled query) is cancelled at the wrong moment.
+_ORPHANED_CONNECT_ERROR = "unexpected connection_lost() call"
+
+
+def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The trio-asyncio loop's exception handler: drop one known orphan, defer the rest.
+
+    trio-asyncio's default handler raises every unhandled asyncio error into the loop's
+    nursery, which stops the loop and everything running in it. asyncpg's SSL negotiation
+    (sslmode=prefer, the default over TCP) sets ``ConnectionError('unexpected
+    connection_lost() call')`` on a future of its own when the connect it belongs to was
+    cancelled while the transport was being opened; that connect already ended with the
+    cancellation, so the error is noise, not a failure.
+    """
+    exc = context.get("exception")
+    if isinstance(exc, ConnectionError) and str(exc) == _ORPHANED_CONNECT_ERROR:
+        return
+    loop.default_exception_handler(context)
+
+
 @translated
 async def create_pool(url: str, min_size: int, max_size: int) -> asyncpg.Pool:
     return await asyncpg.create_pool(

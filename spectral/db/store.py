@@ -20,7 +20,7 @@ import trio_asyncio
 from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError, SpectralError
 from . import _aio
 from ._aio import QueryMode
-from ._queries import DASHBOARD, DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
+from ._queries import DASHBOARD, DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, TESTING, WORKERS
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -41,14 +41,16 @@ async def asyncio_loop() -> AsyncIterator[None]:
     Error handling: trio-asyncio runs the body inside its own nurseries, which wrap any
     exception in nested exception groups. A group holding one exception is unwrapped, so
     ``except DatabaseUnavailableError`` around :func:`spectral.open_database` works
-    (``except*`` handlers match the bare exception as well).
+    (``except*`` handlers match the bare exception as well). A loop opened here ignores
+    the one asyncio error a cancelled connect leaves behind (``_aio.loop_exception_handler``).
     """
     if trio_asyncio.current_loop.get(None) is None:
         try:
-            async with trio_asyncio.open_loop():
+            async with trio_asyncio.open_loop() as loop:
+                loop.set_exception_handler(_aio.loop_exception_handler)
                 yield
         except BaseExceptionGroup as group:
-            sole = _sole_exception(group)
+            sole = sole_exception(group)
             if sole is None:
                 raise
             raise sole from None
@@ -56,7 +58,7 @@ async def asyncio_loop() -> AsyncIterator[None]:
         yield
 
 
-def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     inner: BaseException = group
     while isinstance(inner, BaseExceptionGroup):
         if len(inner.exceptions) != 1:
@@ -378,6 +380,17 @@ class Store:
     async def throughput(self, minutes: int) -> list[dict[str, Any]]:
         """Events acknowledged per minute over the last ``minutes`` minutes, oldest first."""
         return await self.fetch(DASHBOARD.throughput, minutes)
+
+    # --- spectral.testing ------------------------------------------------------------
+
+    async def unfinished(self, generation: int, within: float) -> int:
+        """Rows of ``generation`` claimed, or due within ``within`` seconds (``wait_idle``)."""
+        return int(await self.fetchval(TESTING.unfinished, generation, within))
+
+    async def event_state(self, event_id: int) -> dict[str, Any] | None:
+        """Status, attempts, last error and the handlers that committed, or None."""
+        rows = await self.fetch(TESTING.event_state, event_id)
+        return rows[0] if rows else None
 
     # --- generic, for the query files of other modules --------------------------------
 

@@ -68,14 +68,17 @@ def prepare(url: str) -> int:
     return int(scalar(url, "INSERT INTO core.deployments (reference) VALUES ('t') RETURNING generation"))
 
 
+#: ``n`` events of topic $1 in one statement through core.publish: $2 extra payload (JSON
+#: text), $3 generation, $4 n. Returns their ids.
+PUBLISH_N = (
+    "SELECT core.publish($1, jsonb_build_object('n', g) || $2::jsonb, NULL, $3) AS id "
+    "FROM generate_series(1, $4) AS g"
+)
+
+
 def publish(url: str, generation: int, n: int, **payload: object) -> list[int]:
     """Publish ``n`` events of TOPIC in one statement through core.publish; returns their ids."""
-    found = query(
-        url,
-        "SELECT core.publish($1, jsonb_build_object('n', g) || $2::jsonb, NULL, $3) AS id "
-        "FROM generate_series(1, $4) AS g",
-        TOPIC, json.dumps(payload), generation, n,
-    )
+    found = query(url, PUBLISH_N, TOPIC, json.dumps(payload), generation, n)
     return [r["id"] for r in found]
 
 
