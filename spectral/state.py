@@ -56,6 +56,7 @@ class RuntimeState:
     last_beat: float | None = None  # time.monotonic() of the last heartbeat written
     last_reap: float | None = None  # time.monotonic() of the reaper's last pass
     reconcile: dict[str, Any] | None = None  # the reconciler's settings and last pass
+    prune: dict[str, Any] | None = None  # the pruner's settings, totals and last pass here
     _wake: trio.Event = field(default_factory=trio.Event)
     _health_changed: trio.Event = field(default_factory=trio.Event)
 

@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from ._errors import translated
-from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
+from ._queries import DEPLOYMENTS, OUTBOX, PRUNE, PUBLISH, RECONCILE, WORKERS
 
 Record = Any  # asyncpg.Record; the trio side copies what it needs into its own types
 
@@ -345,6 +345,31 @@ async def retire_generations(
                                    newest if kind == "adopt" else None, kind, len(ids))
                 moved.setdefault(source, []).extend(ids)
         return retired, int(newest), moved
+
+
+# --- the pruner ------------------------------------------------------------------------
+
+
+@translated
+async def begin_prune_pass(
+    pool: asyncpg.Pool, worker_id: str, min_gap: float, lease: float
+) -> int | None:
+    """Start a prune pass if none runs and none started within ``min_gap`` seconds."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval(PRUNE.try_lock):
+            return None
+        value = await conn.fetchval(PRUNE.begin_pass, worker_id, min_gap, lease)
+        return None if value is None else int(value)
+
+
+@translated
+async def prune_batch(pool: asyncpg.Pool, sql: str, retention: float, limit: int) -> tuple[int, int]:
+    """One bounded delete; returns (rows deleted, ledger rows deleted with them)."""
+    with _own_statements():
+        if sql in (PRUNE.done, PRUNE.dead):
+            row = await pool.fetchrow(sql, retention, limit)
+            return int(row["rows"]), int(row["ledger"])
+        return len(await pool.fetch(sql, retention, limit)), 0
 
 
 @translated
