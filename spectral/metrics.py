@@ -61,8 +61,14 @@ class _StateCollector(Collector):
                 "spectral_queue_depth",
                 "Unfinished outbox rows (PENDING, CLAIMED, DEAD) by generation and status.",
                 labels=["generation", "status"])
-            for row in self._snapshot.data["outbox"]:
-                depth.add_metric([str(row["generation"]), row["status"]], row["count"])
+            counts = {(str(r["generation"]), r["status"]): r["count"]
+                      for r in self._snapshot.data["outbox"]}
+            # This process's generation always has its three series, zero when empty, so a
+            # drained queue reads 0 instead of a series that vanished.
+            for status in ("PENDING", "CLAIMED", "DEAD"):
+                counts.setdefault((str(s.generation), status), 0)
+            for (gen, status), n in sorted(counts.items()):
+                depth.add_metric([gen, status], n)
             yield depth
             yield from _health_metrics(self._snapshot.data.get("health"))
 
