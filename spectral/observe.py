@@ -12,7 +12,6 @@ from typing import Any, Protocol
 
 import trio
 
-from .db._queries import OBSERVE
 from .db.store import DEAD_COUNT_CAP
 from .errors import DatabaseError
 from .verdicts import health_verdicts
@@ -22,14 +21,7 @@ log = logging.getLogger("spectral.observe")
 
 
 class ObserveStore(Protocol):
-    async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]: ...
-    async def fetchval(self, sql: str, *args: Any) -> Any: ...
-    async def outbox_counts(self) -> list[dict[str, Any]]: ...
-    async def latest_deployments(self, limit: int = 5) -> list[dict[str, Any]]: ...
-    async def last_reconcile_pass(self) -> dict[str, Any] | None: ...
-    async def last_prune_pass(self) -> dict[str, Any] | None: ...
-    async def table_health(self) -> list[dict[str, Any]]: ...
-    async def xmin_horizon(self) -> dict[str, Any]: ...
+    async def snapshot(self, stale_after: float) -> dict[str, Any]: ...
 
 
 def _iso(value: Any) -> str | None:
@@ -112,15 +104,7 @@ class QueueSnapshot:
 
     async def refresh(self) -> None:
         try:
-            outbox = await self._store.outbox_counts()
-            workers = await self._store.fetch(OBSERVE.workers_by_generation, self._stale_after)
-            deployments = [d for d in await self._store.latest_deployments(5)
-                           if d.get("retired_at") is None]
-            self.schema_version = int(await self._store.fetchval(OBSERVE.schema_version))
-            last_pass = await self._store.last_reconcile_pass()
-            last_prune = await self._store.last_prune_pass()
-            tables = await self._store.table_health()
-            horizon = await self._store.xmin_horizon()
+            rows = await self._store.snapshot(self._stale_after)
         except DatabaseError as exc:
             self.error = str(exc)
             self._at = trio.current_time()
@@ -128,6 +112,9 @@ class QueueSnapshot:
             return
         self.error = None
         self._at = trio.current_time()
+        self.schema_version = rows["schema_version"]
+        outbox, workers = rows["outbox"], rows["workers"]
+        deployments = [d for d in rows["deployments"] if d.get("retired_at") is None]
         self.data = {
             "outbox": [
                 {"generation": r["generation"], "status": r["status"], "count": r["n"]}
@@ -139,9 +126,10 @@ class QueueSnapshot:
                 for r in workers
             ],
             "deployments_head": deployments[0]["generation"] if deployments else None,
-            "last_reconcile_pass": _pass_view(last_pass, "unblocked"),
-            "last_prune_pass": _pass_view(last_prune, "pruned"),
-            "health": health_view(tables, horizon, sum(int(r["n"]) for r in outbox)),
+            "last_reconcile_pass": _pass_view(rows["last_reconcile_pass"], "unblocked"),
+            "last_prune_pass": _pass_view(rows["last_prune_pass"], "pruned"),
+            "health": health_view(rows["tables"], rows["horizon"],
+                                  sum(int(r["n"]) for r in outbox)),
             "dead_count_capped": sum(int(r["n"]) for r in outbox if r["status"] == "DEAD")
             >= DEAD_COUNT_CAP,
         }

@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from ._errors import translated
-from ._queries import DEPLOYMENTS, OUTBOX, PRUNE, PUBLISH, RECONCILE, WORKERS
+from ._queries import DEPLOYMENTS, OBSERVE, OUTBOX, PRUNE, PUBLISH, RECONCILE, WORKERS
 
 Record = Any  # asyncpg.Record; the trio side copies what it needs into its own types
 
@@ -345,6 +345,26 @@ async def retire_generations(
                                    newest if kind == "adopt" else None, kind, len(ids))
                 moved.setdefault(source, []).extend(ids)
         return retired, int(newest), moved
+
+
+# --- observation -----------------------------------------------------------------------
+
+
+@translated
+async def snapshot(pool: asyncpg.Pool, stale_after: float, dead_cap: int) -> dict[str, Any]:
+    """Every query of the queue snapshot on one connection, in one hop."""
+    with _own_statements():
+        async with pool.acquire() as conn:
+            return {
+                "outbox": list(await conn.fetch(OBSERVE.live_counts, dead_cap)),
+                "workers": list(await conn.fetch(OBSERVE.workers_by_generation, stale_after)),
+                "deployments": list(await conn.fetch(DEPLOYMENTS.latest_deployments, 5)),
+                "schema_version": await conn.fetchval(OBSERVE.schema_version),
+                "last_reconcile_pass": await conn.fetchrow(RECONCILE.last_pass),
+                "last_prune_pass": await conn.fetchrow(PRUNE.last_pass),
+                "tables": list(await conn.fetch(OBSERVE.table_health)),
+                "horizon": await conn.fetchrow(OBSERVE.xmin_horizon),
+            }
 
 
 # --- the pruner ------------------------------------------------------------------------

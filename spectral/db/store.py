@@ -258,6 +258,26 @@ class Store:
 
     # --- observation -----------------------------------------------------------------
 
+    async def snapshot(self, stale_after: float) -> dict[str, Any]:
+        """The queue snapshot's rows in one hop: ``outbox`` (as :meth:`outbox_counts`),
+        ``workers`` (by generation and state), ``deployments`` (the newest 5),
+        ``schema_version``, ``last_reconcile_pass``, ``last_prune_pass``, ``tables`` (as
+        :meth:`table_health`) and ``horizon`` (as :meth:`xmin_horizon`)."""
+        raw = await hop(_aio.snapshot, self._pool, stale_after, DEAD_COUNT_CAP)
+        out: dict[str, Any] = {
+            key: [dict(r) for r in raw[key]] for key in ("outbox", "workers", "deployments", "tables")
+        }
+        out["schema_version"] = int(raw["schema_version"])
+        for key, result in (("last_reconcile_pass", "unblocked"), ("last_prune_pass", "pruned")):
+            row = raw[key]
+            out[key] = None if row is None else {
+                **dict(row), result: json.loads(row[result]), "errors": json.loads(row["errors"])}
+        horizon = dict(raw["horizon"])
+        if horizon["oldest_xact"] is not None:
+            horizon["oldest_xact"] = json.loads(horizon["oldest_xact"])
+        out["horizon"] = horizon
+        return out
+
     async def table_health(self) -> list[dict[str, Any]]:
         return await self.fetch(OBSERVE.table_health)
 
