@@ -372,16 +372,16 @@ def cmd_prune(args: argparse.Namespace, settings: Settings, url: str) -> int:
             n = result[kind]
             return f"at least {n}" if n >= DRY_RUN_CAP else str(n)
 
-        _print(f"  delete {rows('done')} DONE rows acknowledged over {configured.retain_done:g}s "
+        _print(f"  delete {rows('done')} DONE rows acknowledged over {configured.retain_done:.0f}s "
                "ago, with their ledger rows")
-        _print(f"  delete {rows('dead')} DEAD rows dead for over {configured.retain_dead:g}s, "
+        _print(f"  delete {rows('dead')} DEAD rows dead for over {configured.retain_dead:.0f}s, "
                "with their ledger rows")
-        _print(f"  mark {result['lost']} workers lost (no beat for over {configured.lost_after:g}s)")
+        _print(f"  mark {result['lost']} workers lost (no beat for over {configured.lost_after:.0f}s)")
         _print(f"  delete {result['workers']} exited or lost workers' rows "
-               f"(last beat over {configured.retain_workers:g}s ago)")
+               f"(last beat over {configured.retain_workers:.0f}s ago)")
         _print(f"  delete {result['reconcile_passes']} reconcile passes, {result['prune_passes']} "
                f"prune passes and {result['handovers']} hand-overs older than "
-               f"{configured.retain_records:g}s")
+               f"{configured.retain_records:.0f}s")
         return 0
     errors = result.pop("errors")
     took = result.pop("duration_seconds")

@@ -44,7 +44,7 @@ def test_dry_run_says_what_a_pass_would_delete_and_deletes_nothing(db_url: str, 
     assert result.code == 0, result
     assert result.out[0] == "a prune pass would now:"
     assert "delete 40 DONE rows acknowledged over 86400s ago, with their ledger rows" in result.out[1]
-    assert "delete 3 DEAD rows dead for over 1.2096e+06s, with their ledger rows" in result.out[2]
+    assert "delete 3 DEAD rows dead for over 1209600s, with their ledger rows" in result.out[2]
     assert _statuses(db_url) == {"DONE": 45, "DEAD": 3, "PENDING": 2}
     shorter = run("prune", "--dry-run", "--json", "--retain-dead", "3600", "--retain-done", "0.001",
                   "--database-url", db_url, cwd=tmp_path)
