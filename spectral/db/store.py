@@ -112,6 +112,13 @@ class Settled:
         return batch.ids() - self.acked - self.failed - self.released
 
 
+def _pass_row(row: Any, result: str) -> dict[str, Any] | None:
+    """A reconcile or prune pass record with its jsonb columns decoded."""
+    if row is None:
+        return None
+    return {**dict(row), result: json.loads(row[result]), "errors": json.loads(row["errors"])}
+
+
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> tuple[list[Any], ...]:
     return tuple([row[i] for row in rows] for i in range(width))
 
@@ -198,12 +205,7 @@ class Store:
 
     async def last_reconcile_pass(self) -> dict[str, Any] | None:
         rows = await self.fetch(RECONCILE.last_pass)
-        if not rows:
-            return None
-        row = rows[0]
-        row["unblocked"] = json.loads(row["unblocked"])
-        row["errors"] = json.loads(row["errors"])
-        return row
+        return _pass_row(rows[0] if rows else None, "unblocked")
 
     async def sweep_lost_wakeups(self, grace: float, stale: float) -> dict[int, int]:
         rows = await self.fetch(RECONCILE.lost_wakeups, grace, stale)
@@ -233,12 +235,7 @@ class Store:
 
     async def last_prune_pass(self) -> dict[str, Any] | None:
         rows = await self.fetch(PRUNE.last_pass)
-        if not rows:
-            return None
-        row = rows[0]
-        row["pruned"] = json.loads(row["pruned"])
-        row["errors"] = json.loads(row["errors"])
-        return row
+        return _pass_row(rows[0] if rows else None, "pruned")
 
     async def prune(self, kind: str, retention: float, limit: int) -> tuple[int, int]:
         """Delete one batch of ``kind`` older than ``retention`` seconds (see prune.sql);
@@ -268,10 +265,8 @@ class Store:
             key: [dict(r) for r in raw[key]] for key in ("outbox", "workers", "deployments", "tables")
         }
         out["schema_version"] = int(raw["schema_version"])
-        for key, result in (("last_reconcile_pass", "unblocked"), ("last_prune_pass", "pruned")):
-            row = raw[key]
-            out[key] = None if row is None else {
-                **dict(row), result: json.loads(row[result]), "errors": json.loads(row["errors"])}
+        out["last_reconcile_pass"] = _pass_row(raw["last_reconcile_pass"], "unblocked")
+        out["last_prune_pass"] = _pass_row(raw["last_prune_pass"], "pruned")
         horizon = dict(raw["horizon"])
         if horizon["oldest_xact"] is not None:
             horizon["oldest_xact"] = json.loads(horizon["oldest_xact"])
