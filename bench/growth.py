@@ -4,10 +4,11 @@ Run with a venv that has this repository installed (the project's .venv or the b
 
     .venv/bin/python bench/growth.py [--sizes 0,1000000,10000000] [--max 10000000]
 
-For each size N it creates a fresh database, fills it with N DONE rows and their N
+For each size N it creates a fresh database and fills it with N DONE rows and their N
 ledger rows (acknowledged an hour ago: inside the default retention, so the worker's
-pruner keeps them), VACUUM ANALYZEs both tables (what autovacuum would have done), then
-measures:
+pruner keeps them), then VACUUM ANALYZEs both tables (what autovacuum would have done).
+Then it runs --rounds rounds, each measuring every size in turn (so drift on the machine
+hits all sizes alike), and reports the median per size of:
 
 * the snapshot refresh behind /ready, /queue and /metrics (QueueSnapshot.refresh, the
   code the HTTP server runs), median of --refreshes, and for comparison the full
@@ -242,28 +243,63 @@ def health_now(url: str) -> dict[str, Any]:
     return out
 
 
-async def one_size(args: argparse.Namespace, n: int) -> dict[str, Any]:
-    name = f"spectral_growth_{n}_{uuid.uuid4().hex[:6]}"
-    async with fresh_database(args.database_url, name) as url:
-        generation = await spectral_install(url)
-        log(f"size {n:,}: filling")
-        fill_s = await fill(url, generation, n)
-        log(f"size {n:,}: filled in {fill_s:.0f}s; snapshot")
-        snap = await asyncio.to_thread(snapshot_cost, url, args.refreshes)
-        log(f"size {n:,}: claim latency")
-        claims = await claim_latency(url, generation, args.claims)
-        log(f"size {n:,}: drain")
-        plain = await drain(url, generation, args.jobs, hold=False)
-        log(f"size {n:,}: drain with a transaction held open")
-        held = await drain(url, generation, args.jobs, hold=True)
-        conn = await asyncpg.connect(url, timeout=30)
-        try:
-            size = await conn.fetchval("SELECT pg_total_relation_size('core.outbox')"
-                                       " + pg_total_relation_size('core.event_handled')")
-        finally:
-            await conn.close()
-        return {"finished_rows": n, "fill_s": round(fill_s, 1), **snap, **claims,
-                "drain": plain, "drain_held": held, "tables_mib": round(size / 1048576, 1)}
+async def measure_round(args: argparse.Namespace, url: str, generation: int) -> dict[str, Any]:
+    """One round of every measurement on one filled database."""
+    snap = await asyncio.to_thread(snapshot_cost, url, args.refreshes)
+    claims = await claim_latency(url, generation, args.claims)
+    plain = await drain(url, generation, args.jobs, hold=False)
+    held = await drain(url, generation, args.jobs, hold=True)
+    return {**snap, **claims, "drain": plain, "drain_held": held}
+
+
+def _median(rounds: list[dict[str, Any]], *path: str) -> float:
+    values = []
+    for r in rounds:
+        value: Any = r
+        for key in path:
+            value = value[key]
+        values.append(value)
+    return float(round(statistics.median(values), 3))
+
+
+async def run_all(args: argparse.Namespace, sizes: list[int]) -> list[dict[str, Any]]:
+    """Fill one database per size, then run --rounds rounds, each over every size in turn
+    (drift on the machine hits all sizes alike); medians per size."""
+    async with contextlib.AsyncExitStack() as stack:
+        dbs: list[tuple[int, str, int, float]] = []
+        for n in sizes:
+            name = f"spectral_growth_{n}_{uuid.uuid4().hex[:6]}"
+            url = await stack.enter_async_context(fresh_database(args.database_url, name))
+            generation = await spectral_install(url)
+            log(f"size {n:,}: filling")
+            dbs.append((n, url, generation, await fill(url, generation, n)))
+        rounds: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
+        for i in range(args.rounds):
+            for n, url, generation, _ in dbs:
+                log(f"round {i + 1}/{args.rounds}, size {n:,}")
+                rounds[n].append(await measure_round(args, url, generation))
+                log(json.dumps(rounds[n][-1]))
+        results = []
+        for n, url, _, fill_s in dbs:
+            conn = await asyncpg.connect(url, timeout=30)
+            try:
+                size = await conn.fetchval("SELECT pg_total_relation_size('core.outbox')"
+                                           " + pg_total_relation_size('core.event_handled')")
+            finally:
+                await conn.close()
+            r = rounds[n]
+            results.append({
+                "finished_rows": n, "fill_s": round(fill_s, 1), "tables_mib": round(size / 1048576, 1),
+                **{k: _median(r, k) for k in ("refresh_ms", "full_count_ms", "claim_100_ms",
+                                               "claim_idle_ms")},
+                "drain_jobs_per_s": _median(r, "drain", "drain_jobs_per_s"),
+                "drain_held_jobs_per_s": _median(r, "drain_held", "drain_jobs_per_s"),
+                "dead_kept": _median(r, "drain", "dead_tuples_vacuum_kept"),
+                "dead_kept_held": _median(r, "drain_held", "dead_tuples_vacuum_kept"),
+                "held_verdicts": [x["drain_held"]["horizon_verdict"] for x in r],
+                "rounds": r,
+            })
+        return results
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -276,10 +312,8 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         lines.append(
             f"| {r['finished_rows']:,} | {r['refresh_ms']} | {r['full_count_ms']} | "
-            f"{r['claim_100_ms']} | {r['claim_idle_ms']} | {r['drain']['drain_jobs_per_s']:,.0f} | "
-            f"{r['drain_held']['drain_jobs_per_s']:,.0f} | "
-            f"{r['drain']['dead_tuples_vacuum_kept']:,} / "
-            f"{r['drain_held']['dead_tuples_vacuum_kept']:,} |")
+            f"{r['claim_100_ms']} | {r['claim_idle_ms']} | {r['drain_jobs_per_s']:,.0f} | "
+            f"{r['drain_held_jobs_per_s']:,.0f} | {r['dead_kept']:,.0f} / {r['dead_kept_held']:,.0f} |")
     return "\n".join(lines)
 
 
@@ -292,13 +326,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20_000, help="events per drain")
     parser.add_argument("--refreshes", type=int, default=20)
     parser.add_argument("--claims", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--output", type=Path, default=BENCH / "results" / "growth.json")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if int(s) <= args.max]
-    results = []
-    for n in sizes:
-        results.append(asyncio.run(one_size(args, n)))
-        log(json.dumps(results[-1]))
+    results = asyncio.run(run_all(args, sizes))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"results": results, "loadavg": os.getloadavg(),
                                        "cpus": os.cpu_count()}, indent=2))
