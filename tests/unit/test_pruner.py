@@ -123,3 +123,15 @@ async def test_a_failed_pass_is_logged_and_the_next_runs_on_schedule(
     assert [t for t, kind in store.calls if kind == "begin"] == [0.0, 60.0, 120.0]
     assert "prune pass failed: connection refused" in caplog.text
     assert state.prune is not None and state.prune["failures"] == 3
+
+
+async def test_survives_cancellation_mid_pass_and_runs_again(autojump_clock: object) -> None:
+    store = PruneFake({"done": 100})
+    pruner = Pruner(store, make_state(), SETTINGS)
+    with trio.move_on_after(1.2):  # during the pause after the third batch
+        await pruner.run_once()
+    assert store.finished == [], "an abandoned pass is left unfinished (its lease runs out)"
+    assert store.backlog["done"] == 70
+    report = await pruner.run_once()
+    assert report is not None and report.pruned["done"] == 70
+    assert pruner.passes == 1
