@@ -121,6 +121,9 @@ PERIODIC = [
      f"{ID_LIT}, {TOKEN_LIT}, '{{h,h,h}}'::text[], {ID_LIT}"),
     ("reconciler: lost wake-ups", RECONCILE.lost_wakeups, (120.0, 60.0), "120, 60"),
     ("reconciler: orphaned claims", RECONCILE.orphaned_claims, (60.0,), "60"),
+    ("reconciler: adopt retired", RECONCILE.adopt_retired, (1,), "1"),
+    ("reconciler: dead retired", RECONCILE.dead_retired, (), ""),
+    ("reconciler: kept retired", RECONCILE.kept_retired, (), ""),
 ]
 
 
