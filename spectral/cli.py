@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import getpass
@@ -33,12 +34,15 @@ from .errors import (
     SpectralError,
 )
 from .events import check_topic, encode_payload
+from .observe import health_view
 from .verdicts import verdicts
 
 if TYPE_CHECKING:
     from .rollout import RolloutResult
 
 DEMO_APP = "spectral.demo:app"
+#: `spectral prune --dry-run` counts DONE and DEAD rows up to this many each.
+DRY_RUN_CAP = 1_000_000
 USER_ERRORS: tuple[type[SpectralError], ...] = (
     ConfigurationError, InvalidEventError, AppLoadError, NoGenerationError, SchemaNotReadyError,
     RolloutRefusedError)
@@ -57,6 +61,8 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...] | None] = {
     "publish": (*_CONNECTION, "generation", "environment", "max_payload_bytes"),
     "requeue": _CONNECTION,
     "inspect": (*_CONNECTION, "heartbeat_interval"),
+    "prune": (*_CONNECTION, "prune_enabled", "prune_interval", "prune_batch", "retain_done",
+              "retain_dead", "retain_workers", "retain_records", "worker_lost_after"),
     "deploy allocate": _CONNECTION,
     "deploy rollout": (*_CONNECTION, "generation", "environment", "drain_timeout",
                        "heartbeat_interval", "reconcile_interval"),
@@ -125,6 +131,13 @@ def _build_parser() -> argparse.ArgumentParser:
                              "(needs --to-generation)")
     req.add_argument("--to-generation", type=int,
                      help="with --topic or --retired-generation: move them to this generation")
+
+    prune = sub.add_parser(
+        "prune", parents=[_settings_parser("prune")],
+        help="run one prune pass now (retention by SPECTRAL_RETAIN_*), or say what it would delete",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count only; delete nothing")
+    prune.add_argument("--json", action="store_true", help="print a JSON object")
 
     ins = sub.add_parser("inspect", parents=[_settings_parser("inspect")],
                          help="deployments, workers and the outbox")
@@ -334,11 +347,16 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
                 "deployments": await store.latest_deployments(5),
                 "workers": await store.workers(settings.heartbeat_stale_after),
                 "outbox": await store.outbox_counts(),
+                "tables": await store.table_health(),
+                "xmin_horizon": await store.xmin_horizon(),
+                "last_prune_pass": await store.last_prune_pass(),
             }
 
     view = trio.run(main)
     judged = verdicts(view["deployments"], view["workers"], view["outbox"],
                       settings.heartbeat_stale_after)
+    tables, horizon = view.pop("tables"), view.pop("xmin_horizon")
+    view["health"] = health_view(tables, horizon, sum(int(r["n"]) for r in view["outbox"]))
     if args.json:
         view["verdicts"] = [v.as_dict() for v in judged]
         _print(json.dumps(view, default=str, indent=2))
@@ -356,10 +374,79 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
     _print("outbox (generation x status):")
     for row in view["outbox"]:
         _print(f"  gen {row['generation']:>4}  {row['status']:<8} {row['n']}")
+    _print(f"  DONE rows (estimated): {view['health']['done_estimate']}")
+    last = view["last_prune_pass"]
+    if last is None:
+        _print("pruner: no pass yet")
+    else:
+        took = (last["finished_at"] - last["started_at"]).total_seconds()
+        _print(f"pruner: last pass {last['started_at']:%Y-%m-%d %H:%M:%S} by {last['worker_id']} "
+               f"in {took:.3f}s, pruned {json.dumps(last['pruned'])}, "
+               f"{len(last['errors'])} errors")
     _print("verdicts:")
     for v in judged:
         _print(f"  [{'ok' if v.ok else '!!'}] {v.message}")
+    _print("health:")
+    for h in view["health"]["verdicts"]:
+        _print(f"  [{'ok' if h['ok'] else '!!'}] {h['message']}")
     return 0
+
+
+def cmd_prune(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    import os
+    import socket
+
+    from .actors.pruner import Pruner
+    from .runtime import prune_settings
+    from .state import RuntimeState
+
+    configured = prune_settings(settings)
+
+    async def main() -> dict[str, Any] | None:
+        async with open_database(url, pool_size=1) as store:
+            if args.dry_run:
+                return await store.would_prune(
+                    done=configured.retain_done, dead=configured.retain_dead,
+                    workers=configured.retain_workers, records=configured.retain_records,
+                    lost_after=configured.lost_after, cap=DRY_RUN_CAP,
+                )
+            # A manual pass ignores the interval, never a pass running elsewhere.
+            state = RuntimeState(f"cli-{socket.gethostname()}-{os.getpid()}", 0)
+            report = await Pruner(store, state, dataclasses.replace(configured, interval=0.0)
+                                  ).run_once()
+            return None if report is None else {**report.pruned, "errors": report.errors,
+                                                "duration_seconds": round(report.duration, 3)}
+
+    result = trio.run(main)
+    if result is None:
+        _print("another prune pass is running; nothing done")
+        return 0
+    if args.json:
+        _print(json.dumps({"dry_run": args.dry_run, **result}))
+        return 0
+    if args.dry_run:
+        _print("a prune pass would now:")
+        def rows(kind: str) -> str:
+            n = result[kind]
+            return f"at least {n}" if n >= DRY_RUN_CAP else str(n)
+
+        _print(f"  delete {rows('done')} DONE rows acknowledged over {configured.retain_done:.0f}s "
+               "ago, with their ledger rows")
+        _print(f"  delete {rows('dead')} DEAD rows dead for over {configured.retain_dead:.0f}s, "
+               "with their ledger rows")
+        _print(f"  mark {result['lost']} workers lost (no beat for over {configured.lost_after:.0f}s)")
+        _print(f"  delete {result['workers']} exited or lost workers' rows "
+               f"(last beat over {configured.retain_workers:.0f}s ago)")
+        _print(f"  delete {result['reconcile_passes']} reconcile passes, {result['prune_passes']} "
+               f"prune passes and {result['handovers']} hand-overs older than "
+               f"{configured.retain_records:.0f}s")
+        return 0
+    errors = result.pop("errors")
+    took = result.pop("duration_seconds")
+    _print(f"pruned in {took}s: " + ", ".join(f"{k} {v}" for k, v in result.items()))
+    for error in errors:
+        _print(f"  error: {error}")
+    return 1 if errors else 0
 
 
 def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
@@ -561,6 +648,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, str], int]] = {
     "publish": cmd_publish,
     "requeue": cmd_requeue,
     "inspect": cmd_inspect,
+    "prune": cmd_prune,
     "deploy": cmd_deploy,
     "reconcile": cmd_reconcile,
 }

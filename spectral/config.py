@@ -256,6 +256,37 @@ class Settings:
     reaper_enabled: bool = _setting(
         "SPECTRAL_REAPER_ENABLED", True, _bool, "kill switch of the reaper",
     )
+    prune_enabled: bool = _setting(
+        "SPECTRAL_PRUNE_ENABLED", True, _bool,
+        "kill switch of the pruner (retention of finished rows and old records)",
+    )
+    prune_interval: float = _setting(
+        "SPECTRAL_PRUNE_INTERVAL", 60.0, _seconds,
+        "seconds between prune passes (one pass at a time across all workers)",
+    )
+    prune_batch: int = _setting(
+        "SPECTRAL_PRUNE_BATCH", 1000, _positive_int, "rows deleted per pruning statement",
+    )
+    retain_done: float = _setting(
+        "SPECTRAL_RETAIN_DONE", 86_400.0, _seconds,
+        "seconds a DONE row and its ledger rows are kept after the acknowledgement",
+    )
+    retain_dead: float = _setting(
+        "SPECTRAL_RETAIN_DEAD", 1_209_600.0, _seconds,
+        "seconds a DEAD row and its ledger rows are kept after it became DEAD (14 days)",
+    )
+    retain_workers: float = _setting(
+        "SPECTRAL_RETAIN_WORKERS", 604_800.0, _seconds,
+        "seconds an exited or lost worker's row is kept after its last beat (7 days)",
+    )
+    retain_records: float = _setting(
+        "SPECTRAL_RETAIN_RECORDS", 2_592_000.0, _seconds,
+        "seconds reconcile passes, prune passes and hand-overs are kept (30 days)",
+    )
+    worker_lost_after: float = _setting(
+        "SPECTRAL_WORKER_LOST_AFTER", 3_600.0, _seconds,
+        "seconds without a heartbeat before a stale worker is marked lost (its verdict ends)",
+    )
     http_host: str = _setting(
         "SPECTRAL_HTTP_HOST", "127.0.0.1", str, "address the HTTP server binds",
     )
@@ -321,6 +352,11 @@ class Settings:
                 f"SPECTRAL_CLAIM_TTL ({self.claim_ttl:g}s) must be larger than "
                 f"SPECTRAL_HANDLER_MAX + SPECTRAL_DRAIN_TIMEOUT + SPECTRAL_HEARTBEAT_INTERVAL "
                 f"({needed:g}s)"
+            )
+        if self.worker_lost_after <= self.heartbeat_stale_after:
+            raise ConfigurationError(
+                f"SPECTRAL_WORKER_LOST_AFTER ({self.worker_lost_after:g}s) must be larger than "
+                f"two heartbeat intervals ({self.heartbeat_stale_after:g}s)"
             )
         if self.retry_base > self.retry_max:
             raise ConfigurationError("SPECTRAL_RETRY_BASE must not exceed SPECTRAL_RETRY_MAX")

@@ -8,6 +8,7 @@ listener      reconnects with backoff (poll-only meanwhile); past the budget, fa
 claimer       reconnects with backoff; past the budget, fails; on drain, finishes & returns
 reaper        a failed pass is logged and the next runs on schedule
 reconciler    a failed sweep or pass is logged and the next runs on schedule
+pruner        a failed pass (or kind) is logged and the next runs on schedule
 user actors   restarted with backoff (1 s doubling to 60 s)
 ============  ==========================================================================
 
@@ -38,6 +39,7 @@ import trio
 from .actors.claimer import Claimer
 from .actors.heartbeat import Heartbeat
 from .actors.listener import OutboxListener
+from .actors.pruner import Pruner, PruneSettings
 from .actors.reaper import Reaper
 from .actors.reconciler import Reconciler, ReconcileSettings
 from .actors.user import ActorSupervisor
@@ -210,6 +212,15 @@ def reconcile_settings(settings: Settings) -> ReconcileSettings:
     )
 
 
+def prune_settings(settings: Settings) -> PruneSettings:
+    return PruneSettings(
+        enabled=settings.prune_enabled, interval=settings.prune_interval,
+        batch=settings.prune_batch, retain_done=settings.retain_done,
+        retain_dead=settings.retain_dead, retain_workers=settings.retain_workers,
+        retain_records=settings.retain_records, lost_after=settings.worker_lost_after,
+    )
+
+
 async def run_workers(
     app: App, settings: Settings, store: Store, state: RuntimeState,
     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -241,6 +252,11 @@ async def run_workers(
         else:
             log.warning("SPECTRAL_REAPER_ENABLED=false: lapsed claims are not reaped here")
         await background.start(Reconciler(store, state, app, reconcile_settings(settings)).run)
+        pruner = Pruner(store, state, prune_settings(settings))
+        if settings.prune_enabled:
+            await background.start(pruner.run)
+        else:
+            log.warning("SPECTRAL_PRUNE_ENABLED=false: finished rows are not pruned here")
         for spec in app.actors:
             await background.start(
                 ActorSupervisor(spec, store, state,

@@ -60,6 +60,7 @@ class RuntimeState:
     # Set before cancelling to stop as a SIGKILL would (spectral.testing's crash()): the
     # claimer writes no releases and the heartbeat does not mark the worker exited.
     abandoned: bool = False
+    prune: dict[str, Any] | None = None  # the pruner's settings, totals and last pass here
     _wake: trio.Event = field(default_factory=trio.Event)
     _health_changed: trio.Event = field(default_factory=trio.Event)
 

@@ -190,6 +190,11 @@ class HttpServer:
                 "reconcile": None if self._state.reconcile is None else {
                     **self._state.reconcile, "last_pass": snap.get("last_reconcile_pass"),
                 },
+                "prune": None if self._state.prune is None else {
+                    **self._state.prune, "last_pass": snap.get("last_prune_pass"),
+                },
+                "health": snap.get("health"),
+                "dead_count_capped": snap.get("dead_count_capped", False),
             }
 
         @app.get("/metrics")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import asyncpg
 
 from ._errors import translated
-from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
+from ._queries import DEPLOYMENTS, OBSERVE, OUTBOX, PRUNE, PUBLISH, RECONCILE, WORKERS
 
 Record = Any  # asyncpg.Record; the trio side copies what it needs into its own types
 
@@ -352,6 +352,51 @@ async def retire_generations(
                                    newest if kind == "adopt" else None, kind, len(ids))
                 moved.setdefault(source, []).extend(ids)
         return retired, int(newest), moved
+
+
+# --- observation -----------------------------------------------------------------------
+
+
+@translated
+async def snapshot(pool: asyncpg.Pool, stale_after: float, dead_cap: int) -> dict[str, Any]:
+    """Every query of the queue snapshot on one connection, in one hop."""
+    with _own_statements():
+        async with pool.acquire() as conn:
+            return {
+                "outbox": list(await conn.fetch(OBSERVE.live_counts, dead_cap)),
+                "workers": list(await conn.fetch(OBSERVE.workers_by_generation, stale_after)),
+                "deployments": list(await conn.fetch(DEPLOYMENTS.latest_deployments, 5)),
+                "schema_version": await conn.fetchval(OBSERVE.schema_version),
+                "last_reconcile_pass": await conn.fetchrow(RECONCILE.last_pass),
+                "last_prune_pass": await conn.fetchrow(PRUNE.last_pass),
+                "tables": list(await conn.fetch(OBSERVE.table_health)),
+                "horizon": await conn.fetchrow(OBSERVE.xmin_horizon),
+            }
+
+
+# --- the pruner ------------------------------------------------------------------------
+
+
+@translated
+async def begin_prune_pass(
+    pool: asyncpg.Pool, worker_id: str, min_gap: float, lease: float
+) -> int | None:
+    """Start a prune pass if none runs and none started within ``min_gap`` seconds."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval(PRUNE.try_lock):
+            return None
+        value = await conn.fetchval(PRUNE.begin_pass, worker_id, min_gap, lease)
+        return None if value is None else int(value)
+
+
+@translated
+async def prune_batch(pool: asyncpg.Pool, sql: str, retention: float, limit: int) -> tuple[int, int]:
+    """One bounded delete; returns (rows deleted, ledger rows deleted with them)."""
+    with _own_statements():
+        if sql in (PRUNE.done, PRUNE.dead):
+            row = await pool.fetchrow(sql, retention, limit)
+            return int(row["rows"]), int(row["ledger"])
+        return len(await pool.fetch(sql, retention, limit)), 0
 
 
 @translated

@@ -20,10 +20,23 @@ import trio_asyncio
 from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError, SpectralError
 from . import _aio
 from ._aio import QueryMode
-from ._queries import DASHBOARD, DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, TESTING, WORKERS
+from ._queries import (
+    DASHBOARD,
+    DEPLOYMENTS,
+    OBSERVE,
+    OUTBOX,
+    PRUNE,
+    PUBLISH,
+    RECONCILE,
+    TESTING,
+    WORKERS,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+#: DEAD rows counted exactly by the queue views; beyond, the count says "at least".
+DEAD_COUNT_CAP = 10_000
 
 #: Seconds a shielded cleanup (rollback, release, close) may take before it is abandoned.
 CLEANUP_TIMEOUT = 5.0
@@ -163,6 +176,13 @@ class Settled:
         return batch.ids() - self.acked - self.failed - self.released
 
 
+def _pass_row(row: Any, result: str) -> dict[str, Any] | None:
+    """A reconcile or prune pass record with its jsonb columns decoded."""
+    if row is None:
+        return None
+    return {**dict(row), result: json.loads(row[result]), "errors": json.loads(row["errors"])}
+
+
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> tuple[list[Any], ...]:
     return tuple([row[i] for row in rows] for i in range(width))
 
@@ -247,12 +267,7 @@ class Store:
 
     async def last_reconcile_pass(self) -> dict[str, Any] | None:
         rows = await self.fetch(RECONCILE.last_pass)
-        if not rows:
-            return None
-        row = rows[0]
-        row["unblocked"] = json.loads(row["unblocked"])
-        row["errors"] = json.loads(row["errors"])
-        return row
+        return _pass_row(rows[0] if rows else None, "unblocked")
 
     async def sweep_lost_wakeups(self, grace: float, stale: float) -> dict[int, int]:
         rows = await self.fetch(RECONCILE.lost_wakeups, grace, stale)
@@ -269,6 +284,64 @@ class Store:
 
     async def stale_workers(self, stale: float) -> list[dict[str, Any]]:
         return await self.fetch(RECONCILE.stale_workers, stale)
+
+    # --- the pruner ------------------------------------------------------------------
+
+    async def begin_prune_pass(self, worker_id: str, min_gap: float, lease: float) -> int | None:
+        return await hop(_aio.begin_prune_pass, self._pool, worker_id, min_gap, lease)
+
+    async def finish_prune_pass(
+        self, pass_id: int, pruned: dict[str, int], errors: list[str]
+    ) -> None:
+        await self.execute(PRUNE.finish_pass, pass_id, json.dumps(pruned), json.dumps(errors))
+
+    async def last_prune_pass(self) -> dict[str, Any] | None:
+        rows = await self.fetch(PRUNE.last_pass)
+        return _pass_row(rows[0] if rows else None, "pruned")
+
+    async def prune(self, kind: str, retention: float, limit: int) -> tuple[int, int]:
+        """Delete one batch of ``kind`` older than ``retention`` seconds (see prune.sql);
+        returns (rows deleted, ledger rows deleted with them)."""
+        return await hop(_aio.prune_batch, self._pool, getattr(PRUNE, kind), retention, limit)
+
+    async def mark_lost_workers(self, after: float) -> list[tuple[str, int]]:
+        rows = await self.fetch(PRUNE.mark_lost, after)
+        return [(r["worker_id"], r["generation"]) for r in rows]
+
+    async def would_prune(
+        self, *, done: float, dead: float, workers: float, records: float, lost_after: float,
+        cap: int,
+    ) -> dict[str, int]:
+        rows = await self.fetch(PRUNE.would_prune, done, dead, workers, records, lost_after, cap)
+        return {k: int(v) for k, v in rows[0].items()}
+
+    # --- observation -----------------------------------------------------------------
+
+    async def snapshot(self, stale_after: float) -> dict[str, Any]:
+        """The queue snapshot's rows in one hop: ``outbox`` (as :meth:`outbox_counts`),
+        ``workers`` (by generation and state), ``deployments`` (the newest 5),
+        ``schema_version``, ``last_reconcile_pass``, ``last_prune_pass``, ``tables`` (as
+        :meth:`table_health`) and ``horizon`` (as :meth:`xmin_horizon`)."""
+        raw = await hop(_aio.snapshot, self._pool, stale_after, DEAD_COUNT_CAP)
+        out: dict[str, Any] = {
+            key: [dict(r) for r in raw[key]] for key in ("outbox", "workers", "deployments", "tables")
+        }
+        out["schema_version"] = int(raw["schema_version"])
+        out["last_reconcile_pass"] = _pass_row(raw["last_reconcile_pass"], "unblocked")
+        out["last_prune_pass"] = _pass_row(raw["last_prune_pass"], "pruned")
+        horizon = dict(raw["horizon"])
+        if horizon["oldest_xact"] is not None:
+            horizon["oldest_xact"] = json.loads(horizon["oldest_xact"])
+        out["horizon"] = horizon
+        return out
+
+    async def table_health(self) -> list[dict[str, Any]]:
+        return await self.fetch(OBSERVE.table_health)
+
+    async def xmin_horizon(self) -> dict[str, Any]:
+        row = (await self.fetch(OBSERVE.xmin_horizon))[0]
+        row["oldest_xact"] = None if row["oldest_xact"] is None else json.loads(row["oldest_xact"])
+        return row
 
     # --- deployments -----------------------------------------------------------------
 
@@ -302,7 +375,9 @@ class Store:
         return ids
 
     async def outbox_counts(self) -> list[dict[str, Any]]:
-        return await self.fetch(OUTBOX.counts)
+        """PENDING, CLAIMED and DEAD rows by generation (DEAD up to :data:`DEAD_COUNT_CAP`),
+        from their partial indexes: DONE rows are never counted (see :meth:`table_health`)."""
+        return await self.fetch(OBSERVE.live_counts, DEAD_COUNT_CAP)
 
     async def get_event(self, event_id: int) -> dict[str, Any] | None:
         rows = await self.fetch(OUTBOX.get_event, event_id)

@@ -34,7 +34,8 @@ ORDER BY generation DESC;
 -- name: list_workers
 -- Every worker row, most recent beat first; $1 seconds after which a beat is stale.
 SELECT worker_id, generation, environment, service, state, last_seen, started_at,
-       (state <> 'exited' AND last_seen < clock_timestamp() - make_interval(secs => $1))
+       (state NOT IN ('exited', 'lost')
+        AND last_seen < clock_timestamp() - make_interval(secs => $1))
            AS stale
 FROM core.workers
 ORDER BY last_seen DESC;
