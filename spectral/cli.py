@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ import trio
 from . import __version__, logs
 from .app import App
 from .config import Settings
-from .db import embedded, migrate, open_database, redact, resolve_url
+from .db import Store, embedded, migrate, open_database, redact, resolve_url
 from .db.urls import password_of
 from .errors import (
     AppLoadError,
@@ -45,6 +46,8 @@ def _settings_parser() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("settings (flags override environment variables)")
     for f in Settings.fields():
+        if not f.metadata["flag"]:
+            continue  # a secret with no flag: it would show in ps (the *_FILE setting has one)
         env = f.metadata["env"]
         also = f.metadata["also"]
         names = " or ".join((env, *also))
@@ -152,7 +155,20 @@ def _load_settings(args: argparse.Namespace) -> Settings:
         for key, value in vars(args).items()
         if key.startswith("setting_") and value is not None
     }
+    for name in ("database_url", "listen_database_url"):
+        # A flag shows in `ps` to every user of the machine: a password goes in a file.
+        if overrides.get(name) and password_of(overrides[name] or ""):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigurationError(
+                f"{flag}: the URL holds a password, which would show in ps; use "
+                f"SPECTRAL_{name.upper()}, {flag}-file or a .pgpass file instead"
+            )
     return Settings.load(overrides=overrides)
+
+
+def _open(url: str, settings: Settings, pool_size: int = 1) -> AbstractAsyncContextManager[Store]:
+    """The CLI's database: a small pool, through the configured pooler mode."""
+    return open_database(url, pool_size=pool_size, pooler=settings.pooler)
 
 
 def load_app(ref: str) -> App:
@@ -193,7 +209,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> None:
-        async with open_database(url, pool_size=1):
+        async with _open(url, settings):
             report = await migrate(url, settings.payload_cap_to_apply,
                                    stale_after=settings.heartbeat_stale_after)
         if report.applied:
@@ -238,7 +254,7 @@ def cmd_publish(args: argparse.Namespace, settings: Settings, url: str) -> int:
             raise ConfigurationError("--available-at: give a time zone, e.g. 2026-01-01T12:00:00+00:00")
 
     async def main() -> None:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             generation = await _generation_for_producer(store, settings)
             event_id = await store.publish(
                 args.topic, text, available_at=available_at, generation=generation
@@ -251,7 +267,7 @@ def cmd_publish(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 def cmd_requeue(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> list[int]:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             if args.ids:
                 if args.to_generation is not None:
                     raise ConfigurationError("--to-generation goes with --topic or --retired-generation")
@@ -273,7 +289,7 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> dict[str, Any]:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             return {
                 "deployments": await store.latest_deployments(5),
                 "workers": await store.workers(settings.heartbeat_stale_after),
@@ -313,7 +329,7 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
         raise ConfigurationError("--target docker needs --image")
 
     async def main() -> RolloutResult:
-        async with open_database(url, pool_size=2) as store:
+        async with _open(url, settings, 2) as store:
             generation = settings.generation
             if generation is not None and args.reference:
                 raise ConfigurationError("give --generation or --reference, not both")
@@ -335,7 +351,7 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
                     app=args.app, pidfile=args.pidfile or settings.data_dir / "spectral.pid",
                     log_dir=settings.data_dir / "logs", port=args.new_port,
                     extra_env={} if not settings.database_url else {
-                        "SPECTRAL_DATABASE_URL": settings.database_url},
+                        "SPECTRAL_DATABASE_URL": settings.database_url.reveal()},
                 )
                 if not settings.database_url:
                     target.extra_env["SPECTRAL_DATABASE_URL"] = url
@@ -372,7 +388,7 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 def cmd_allocate(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> dict[str, Any]:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             return await store.allocate_generation(args.reference, args.deployed_by, args.tag)
 
     row = trio.run(main)
@@ -398,7 +414,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings, url: str) -> int
     action = args.reconcile_command
 
     async def main() -> tuple[bool | None, dict[str, Any] | None]:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             if action != "status":
                 await store.set_reconcile_enabled(
                     {"on": True, "off": False, "default": None}[action]
@@ -444,12 +460,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     secrets: tuple[str, ...] = ()
     try:
         settings = _load_settings(args)
-        if settings.database_url:
-            secrets = tuple(s for s in (password_of(settings.database_url),) if s)
+        secrets = settings.secrets()
         logs.configure(settings.log_format, settings.log_level, secrets)
         if args.command == "db":
             return cmd_db(args, settings)
-        url = resolve_url(settings.database_url, settings.data_dir)
+        given = settings.database_url.reveal() if settings.database_url else None
+        url = resolve_url(given, settings.data_dir)
         if not settings.database_url:
             logging.getLogger("spectral").info("database: %s", redact(url))
         return COMMANDS[args.command](args, settings, url)

@@ -8,7 +8,8 @@ The flow of the deploy hook in the deploy log, for two targets:
   and exits); otherwise the new one is stopped and the old keeps serving.
 - ``docker``: the same flow as docker commands (run, inspect health, stop).
 
-One rollout at a time per database (an advisory lock held for the whole rollout), and
+One rollout at a time per database (a transaction-scoped advisory lock held by a
+transaction open for the whole rollout, safe behind a transaction pooler), and
 every outcome is recorded in core.rollouts.
 """
 
@@ -152,7 +153,8 @@ def docker_commands(
 
 async def _lock(store: Store) -> Connection:
     conn = await store.connect("spectral-rollout")
-    if not await conn.fetchval(DEPLOYMENTS.try_deploy_lock):
+    # Held by a transaction left open until the connection closes (see the query).
+    if not await conn.begin_and_fetchval(DEPLOYMENTS.try_deploy_lock):
         await conn.aclose()
         raise RolloutLockedError(
             "another rollout holds this database's deploy lock; wait for it to finish"

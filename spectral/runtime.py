@@ -229,12 +229,19 @@ async def run_workers(
                       reconnect_budget=settings.reconnect_budget,
                       environment=settings.environment, service=app.service).run
         )
-        if settings.listen_enabled:
+        if settings.listen_enabled and store.can_listen:
             await background.start(
                 OutboxListener(store, state, reconnect_budget=settings.reconnect_budget).listen
             )
+        elif settings.listen_enabled:
+            state.listener_mode = "poll-only"
+            state.listener_note = ("SPECTRAL_POOLER=transaction without "
+                                   "SPECTRAL_LISTEN_DATABASE_URL: LISTEN does not stick")
+            log.warning("%s; no NOTIFY wake-ups, polling every %gs", state.listener_note,
+                        settings.poll_interval, extra={"worker_id": state.worker_id})
         else:
             state.listener_mode = "poll-only"
+            state.listener_note = "SPECTRAL_LISTEN_ENABLED=false"
             log.warning("SPECTRAL_LISTEN_ENABLED=false: no NOTIFY wake-ups, polling only")
         if settings.reaper_enabled:
             await background.start(Reaper(store, state, interval=settings.reap_interval).run)
@@ -269,7 +276,9 @@ async def _http_server(
         deployed_at=None if deployed_at is None else deployed_at.isoformat(),
         detail_token=token, host=settings.http_host, port=settings.http_port,
         drain_budget=settings.drain_timeout, workers=workers, schema_version=len(shipped()),
-        listen_enabled=settings.listen_enabled,
+        listen_enabled=settings.listen_enabled and store.can_listen,
+        ops_host=settings.ops_host, ops_port=settings.ops_port,
+        ops_token_required=settings.ops_token_required,
     )
 
 
@@ -286,12 +295,22 @@ async def serve(
         settings.validate_runtime()
     app.check(settings.handler_max)
     token = settings.resolved_detail_token()
+    if http and settings.ops_token_required and token is None:
+        raise ConfigurationError(
+            "SPECTRAL_OPS_TOKEN_REQUIRED=true needs SPECTRAL_DETAIL_TOKEN or "
+            "SPECTRAL_DETAIL_TOKEN_FILE (the bearer token /queue and /metrics then ask for)"
+        )
     version = load_version(settings.version_file)
     exit = _Exit()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         watchdog = _DrainWatchdog(settings.drain_timeout + WATCHDOG_GRACE)
         watchdog.install(signal.SIGTERM, signal.SIGINT)
-        async with open_database(url, pool_size=settings.pool_size) as store:
+        listen_url = settings.listen_database_url
+        async with open_database(
+            url, pool_size=settings.pool_size, pooler=settings.pooler,
+            listen_url=None if listen_url is None else listen_url.reveal(),
+            handler_role=settings.handler_role,
+        ) as store:
             await ensure_schema(url, settings)
             generation = await resolve_generation(store, settings)
             # Producers' pre-checks use the cap the database enforces.

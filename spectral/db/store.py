@@ -116,14 +116,29 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> tuple[list[Any], ..
 class Store:
     """Spectral's database, seen from trio. Built by :func:`spectral.db.open_database`."""
 
-    def __init__(self, pool: Any, url: str) -> None:
+    def __init__(
+        self, pool: Any, url: str, *, pooler: str = "none", listen_url: str | None = None,
+    ) -> None:
         self._pool = pool
         self._url = url
+        self._pooler = pooler
+        self._listen_url = listen_url
 
     @property
     def url(self) -> str:
         """The database URL, password included: never log it (see ``urls.redact``)."""
         return self._url
+
+    @property
+    def pooler(self) -> str:
+        """'none', 'session' or 'transaction': what the database URL reaches."""
+        return self._pooler
+
+    @property
+    def can_listen(self) -> bool:
+        """Whether LISTEN sticks: not through a transaction pooler without a direct
+        listen URL (a notification would reach whichever session ran last)."""
+        return self._listen_url is not None or self._pooler != "transaction"
 
     # --- producers -------------------------------------------------------------------
 
@@ -280,13 +295,15 @@ class Store:
 
     async def connect(self, application_name: str) -> Connection:
         """A dedicated connection outside the pool (heartbeat), so handlers cannot starve it."""
-        return Connection(await hop(_aio.connect, self._url, application_name))
+        return Connection(await hop(_aio.connect, self._url, application_name, self._pooler))
 
     async def listen(
         self, channel: str, on_notify: Callable[[str], None], on_terminate: Callable[[], None]
     ) -> Connection:
-        """A dedicated connection LISTENing on ``channel`` (a pool would UNLISTEN it)."""
-        return Connection(await hop(_aio.listen, self._url, channel, on_notify, on_terminate))
+        """A dedicated connection LISTENing on ``channel`` (a pool would UNLISTEN it), to
+        the direct listen URL when one is configured."""
+        url, pooler = (self._listen_url, "none") if self._listen_url else (self._url, self._pooler)
+        return Connection(await hop(_aio.listen, url, channel, on_notify, on_terminate, pooler))
 
 
 class Connection:
@@ -313,6 +330,10 @@ class Connection:
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await hop(_aio.conn_fetchval, self._conn, sql, args)
+
+    async def begin_and_fetchval(self, sql: str, *args: Any) -> Any:
+        """Open a transaction that stays open until :meth:`aclose`, and run ``sql`` in it."""
+        return await hop(_aio.begin_and_fetchval, self._conn, sql, args)
 
     async def aclose(self) -> None:
         """Close within :data:`CLEANUP_TIMEOUT`, shielded from cancellation."""
