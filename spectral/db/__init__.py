@@ -68,7 +68,8 @@ async def open_database(
     async with asyncio_loop():
         pool = await hop(_aio.create_pool, url, 1, pool_size, pooler)
         try:
-            yield Store(pool, url, pooler=pooler, listen_url=listen_url)
+            yield Store(pool, url, pooler=pooler, listen_url=listen_url,
+                        handler_role=handler_role)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT + 1):
                 await hop(_aio.close_pool, pool, CLEANUP_TIMEOUT)

@@ -230,8 +230,13 @@ async def turn_begin(
     mode: str,
     sql: str,
     args: Sequence[Any],
+    local: tuple[str, str] | None = None,
 ) -> tuple[Any, Any, Any]:
     """Open a handler's transaction and run its first statement, in one hop.
+
+    ``local`` is (idle-in-transaction ms, handler role), '' for none: set with SET LOCAL
+    semantics after Spectral's own statements, before the handler's (see
+    ``OUTBOX.turn_local``); None sends nothing.
 
     Returns ``(connection, transaction, result)``, or ``(None, None, outcome)`` with a
     :class:`TurnOutcome` when the claim was lost or the ledger already has the handler.
@@ -243,6 +248,8 @@ async def turn_begin(
         await tr.start()
         if event_id is None:
             # A plain transaction (a reconcile sweep): no claim to check, no ledger row.
+            if local is not None:
+                await conn.execute(OUTBOX.turn_local, *local)
             return conn, tr, await _run(conn, mode, sql, args)
         if await conn.fetchval(OUTBOX.turn_begin, event_id, token) is None:
             await tr.rollback()
@@ -252,6 +259,8 @@ async def turn_begin(
             await tr.rollback()
             await pool.release(conn)
             return None, None, TurnOutcome.ALREADY_HANDLED
+        if local is not None:
+            await conn.execute(OUTBOX.turn_local, *local)
         result = await _run(conn, mode, sql, args)
     except BaseException:
         await _abandon(pool, conn, tr)

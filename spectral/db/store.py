@@ -118,11 +118,15 @@ class Store:
 
     def __init__(
         self, pool: Any, url: str, *, pooler: str = "none", listen_url: str | None = None,
+        handler_role: str | None = None,
     ) -> None:
         self._pool = pool
         self._url = url
         self._pooler = pooler
         self._listen_url = listen_url
+        # Set in each turn transaction after Spectral's statements ('' leaves it alone).
+        idle = _aio.POOLED_IDLE_TIMEOUT if pooler != "none" else ""
+        self._turn_local = (idle, handler_role or "") if idle or handler_role else None
 
     @property
     def url(self) -> str:
@@ -183,11 +187,11 @@ class Store:
 
     async def open_turn(self, event_id: int, token: uuid.UUID, handler: str) -> TurnTx:
         """A lazily opened transaction for one handler's turn on one event."""
-        return TurnTx(self._pool, event_id, token, handler)
+        return TurnTx(self._pool, event_id, token, handler, self._turn_local)
 
     async def open_transaction(self) -> TurnTx:
         """A lazily opened plain transaction (reconcile sweeps): no claim, no ledger."""
-        return TurnTx(self._pool, None, None, "")
+        return TurnTx(self._pool, None, None, "", self._turn_local)
 
     # --- the reconciler --------------------------------------------------------------
 
@@ -349,9 +353,11 @@ class TurnTx:
     """
 
     def __init__(
-        self, pool: Any, event_id: int | None, token: uuid.UUID | None, handler: str
+        self, pool: Any, event_id: int | None, token: uuid.UUID | None, handler: str,
+        local: tuple[str, str] | None = None,
     ) -> None:
         self._pool = pool
+        self._local = local  # (idle ms, handler role) set after Spectral's statements
         self._event_id = event_id
         self._token = token
         self._handler = handler
@@ -371,7 +377,7 @@ class TurnTx:
         if self._conn is None:
             conn, tr, result = await hop(
                 _aio.turn_begin, self._pool, self._event_id, self._token, self._handler,
-                mode, sql, args,
+                mode, sql, args, self._local,
             )
             if conn is None:
                 self._closed = True
