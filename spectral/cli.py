@@ -47,7 +47,11 @@ def _settings_parser() -> argparse.ArgumentParser:
     group = parent.add_argument_group("settings (flags override environment variables)")
     for f in Settings.fields():
         if not f.metadata["flag"]:
-            continue  # a secret with no flag: it would show in ps (the *_FILE setting has one)
+            # A secret with no flag (it would show in ps; its *_FILE setting has one). The
+            # flag is still parsed, to refuse it with a clear line that does not echo it.
+            group.add_argument("--" + f.name.replace("_", "-"), dest=f"refused_{f.name}",
+                               help=argparse.SUPPRESS)
+            continue
         env = f.metadata["env"]
         also = f.metadata["also"]
         names = " or ".join((env, *also))
@@ -155,6 +159,13 @@ def _load_settings(args: argparse.Namespace) -> Settings:
         for key, value in vars(args).items()
         if key.startswith("setting_") and value is not None
     }
+    for key, value in vars(args).items():
+        if key.startswith("refused_") and value is not None:
+            name = key[len("refused_"):]
+            raise ConfigurationError(
+                f"--{name.replace('_', '-')}: a secret on the command line shows in ps; use "
+                f"SPECTRAL_{name.upper()} or --{name.replace('_', '-')}-file instead"
+            )
     for name in ("database_url", "listen_database_url"):
         # A flag shows in `ps` to every user of the machine: a password goes in a file.
         if overrides.get(name) and password_of(overrides[name] or ""):
