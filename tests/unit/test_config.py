@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -272,8 +273,8 @@ def test_every_setting_has_a_flag_whose_help_names_its_variable() -> None:
     by_flag = {a.option_strings[0]: a.help or "" for a in migrate._actions if a.option_strings}
     for f in Settings.fields():
         flag = "--" + f.name.replace("_", "-")
-        if not f.metadata["flag"]:  # a secret with no flag (it would show in ps)
-            assert flag not in by_flag, flag
+        if not f.metadata["flag"]:  # a secret with no flag (it would show in ps): hidden, refused
+            assert by_flag.get(flag) == argparse.SUPPRESS, flag
             continue
         assert flag in by_flag, flag
         assert f.metadata["env"] in by_flag[flag], flag
