@@ -12,19 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+from .acceptance.workload import EFFECTS_DDL
 from .pg import admin
-
-#: The application table a handler role may write (and the effects the tests count).
-EFFECTS_DDL = """
-CREATE TABLE effects (
-    event_id bigint      NOT NULL,
-    handler  text        NOT NULL,
-    attempt  integer     NOT NULL,
-    pid      integer     NOT NULL,
-    at       timestamptz NOT NULL DEFAULT clock_timestamp()
-)
-"""
-
 
 def as_user(url: str, user: str) -> str:
     """``url`` with its user replaced (no password: the test server trusts loopback)."""
