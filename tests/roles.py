@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .acceptance.workload import EFFECTS_DDL
 from .pg import admin
 
+
 def as_user(url: str, user: str) -> str:
     """``url`` with its user replaced (no password: the test server trusts loopback)."""
     parts = urlsplit(url)
