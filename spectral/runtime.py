@@ -86,6 +86,19 @@ async def ensure_schema(url: str, settings: Settings) -> None:
     )
 
 
+async def check_handler_role(store: Store, role: str) -> None:
+    """Refuse to start when turns could not switch to SPECTRAL_HANDLER_ROLE (every turn
+    would fail and its event end DEAD)."""
+    usable = await store.can_set_role(role)
+    if usable is None:
+        raise ConfigurationError(f"SPECTRAL_HANDLER_ROLE: role {role!r} does not exist")
+    if not usable:
+        raise ConfigurationError(
+            f"SPECTRAL_HANDLER_ROLE: the worker's login role is not a member of {role!r} "
+            f"(GRANT {role} TO <the worker's login role>)"
+        )
+
+
 async def resolve_generation(store: Store, settings: Settings) -> int:
     """The generation this process runs (see the runbook's stamping invariants)."""
     if settings.generation is not None:
@@ -312,6 +325,8 @@ async def serve(
             handler_role=settings.handler_role,
         ) as store:
             await ensure_schema(url, settings)
+            if workers and settings.handler_role is not None:
+                await check_handler_role(store, settings.handler_role)
             generation = await resolve_generation(store, settings)
             # Producers' pre-checks use the cap the database enforces.
             settings = settings.with_changes(max_payload_bytes=await store.max_payload_bytes())

@@ -278,6 +278,11 @@ class Store:
     async def workers(self, stale_after: float) -> list[dict[str, Any]]:
         return await self.fetch(WORKERS.list_workers, stale_after)
 
+    async def can_set_role(self, role: str) -> bool | None:
+        """Whether the login role may switch to ``role``; None when ``role`` does not exist."""
+        value = await self.fetchval(WORKERS.can_set_role, role)
+        return None if value is None else bool(value)
+
     async def max_payload_bytes(self) -> int:
         return int(await self.fetchval(PUBLISH.max_payload_bytes))
 

@@ -9,7 +9,10 @@ is refused core.outbox.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 
@@ -74,3 +77,24 @@ def test_the_runtime_runs_as_the_worker_role_and_handlers_as_the_handler_role(
         sneaky["dead_reason"] or "")
     denied = [ln for ln in proc.lines if "permission denied" in ln]
     assert denied and all("roles.sneaky" in ln for ln in denied), tail(proc)
+
+
+@pytest.mark.parametrize("which", ["missing", "not-a-member"])
+def test_a_handler_role_the_worker_cannot_switch_to_stops_it_in_one_line(
+    db_url: str, roles: Roles, which: str
+) -> None:
+    generation = int(query(db_url, "INSERT INTO core.deployments (reference) VALUES ('t')"
+                                   " RETURNING generation")[0][0])
+    role = f"{roles.handler}_nobody" if which == "missing" else roles.reader
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECTRAL_")}
+    env.update(FAST, SPECTRAL_DATABASE_URL=roles.url(db_url, roles.worker),
+               SPECTRAL_HANDLER_ROLE=role, SPECTRAL_GENERATION=str(generation))
+    done = subprocess.run([sys.executable, "-m", "spectral", "worker",
+                           "tests.acceptance.roles_app:app"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    expected = (f"role {role!r} does not exist" if which == "missing"
+                else f"the worker's login role is not a member of {role!r}")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"spectral: error: SPECTRAL_HANDLER_ROLE: {expected}")
+    assert query(db_url, "SELECT count(*) FROM core.workers")[0][0] == 0
