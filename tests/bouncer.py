@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 BINARY = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
@@ -28,11 +28,13 @@ def free_port() -> int:
 
 
 def through(url: str, port: int) -> str:
-    """``url`` with its host and port replaced by the pooler's."""
+    """``url`` with its host and port replaced by the pooler's (a socket ``host=`` dropped)."""
     parts = urlsplit(url)
     user = parts.netloc.rpartition("@")[0]
     netloc = f"{user}@127.0.0.1:{port}" if user else f"127.0.0.1:{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    query = {k: v for k, v in parse_qs(parts.query).items() if k != "host"}
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, doseq=True),
+                       parts.fragment))
 
 
 @contextmanager
@@ -41,6 +43,8 @@ def pgbouncer(server_url: str, mode: str, *, pool_size: int = 40) -> Iterator[in
     if not Path(BINARY).exists():
         raise AssertionError("pgbouncer is not installed: .ci/run installs Debian's pgbouncer")
     target = urlsplit(server_url)
+    # A TCP server, or the embedded one on its Unix socket folder (?host=/path).
+    host = parse_qs(target.query).get("host", [target.hostname or "127.0.0.1"])[0]
     folder = Path(tempfile.mkdtemp(prefix="spectral-bouncer-"))
     port = free_port()
     users = folder / "users.txt"
@@ -48,7 +52,7 @@ def pgbouncer(server_url: str, mode: str, *, pool_size: int = 40) -> Iterator[in
     config = folder / "pgbouncer.ini"
     config.write_text(
         "[databases]\n"
-        f"* = host={target.hostname or '127.0.0.1'} port={target.port or 5432}\n"
+        f"* = host={host} port={target.port or 5432}\n"
         "[pgbouncer]\n"
         "listen_addr = 127.0.0.1\n"
         f"listen_port = {port}\n"
