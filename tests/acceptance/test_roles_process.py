@@ -98,3 +98,26 @@ def test_a_handler_role_the_worker_cannot_switch_to_stops_it_in_one_line(
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"spectral: error: SPECTRAL_HANDLER_ROLE: {expected}")
     assert query(db_url, "SELECT count(*) FROM core.workers")[0][0] == 0
+
+
+@pytest.mark.parametrize(("login", "args", "code", "says"), [
+    ("reader", ["inspect", "--json"], 0, '"deployments"'),
+    ("reader", ["publish", "a.b", "{}"], 1, "permission denied for function publish"),
+    ("producer", ["publish", "a.b", "{}"], 0, ""),
+    ("producer", ["inspect"], 1, "permission denied for table"),
+    ("worker", ["deploy", "allocate", "--reference", "r"], 0, ""),
+    ("worker", ["requeue", "--topic", "a.b"], 0, "requeued 0 events"),
+    ("worker", ["migrate"], 1, "permission denied for schema core"),  # DDL is the owner's
+])
+def test_operator_commands_run_with_the_role_they_need(
+    db_url: str, roles: Roles, login: str, args: list[str], code: int, says: str
+) -> None:
+    generation = int(query(db_url, "INSERT INTO core.deployments (reference) VALUES ('t')"
+                                   " RETURNING generation")[0][0])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECTRAL_")}
+    env.update(SPECTRAL_DATABASE_URL=roles.url(db_url, getattr(roles, login)),
+               SPECTRAL_ENVIRONMENT="production", SPECTRAL_GENERATION=str(generation))
+    done = subprocess.run([sys.executable, "-m", "spectral", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == code, done.stdout + done.stderr
+    assert says in done.stdout + done.stderr
