@@ -361,11 +361,8 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
                 target = ProcessTarget(
                     app=args.app, pidfile=args.pidfile or settings.data_dir / "spectral.pid",
                     log_dir=settings.data_dir / "logs", port=args.new_port,
-                    extra_env={} if not settings.database_url else {
-                        "SPECTRAL_DATABASE_URL": settings.database_url.reveal()},
+                    extra_env=_child_database_env(settings, url),
                 )
-                if not settings.database_url:
-                    target.extra_env["SPECTRAL_DATABASE_URL"] = url
                 return await rollout_process(
                     store, target, generation, health_timeout=args.health_timeout,
                     drain_wait=settings.drain_timeout + 10, say=_print,
@@ -389,6 +386,15 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
     elif result.status == "rolled_back":
         _print(f"rolled back: {result.reason}")
     return 1 if result.status == "rolled_back" else 0
+
+
+def _child_database_env(settings: Settings, url: str) -> dict[str, str]:
+    """How the new process finds the database: the URL file when one was given (the
+    child then reads the same file; the URL and its file together would be refused),
+    else the URL in its environment (never on its command line)."""
+    if settings.database_url_file is not None:
+        return {"SPECTRAL_DATABASE_URL_FILE": str(settings.database_url_file.resolve())}
+    return {"SPECTRAL_DATABASE_URL": url}
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings, url: str) -> int:
