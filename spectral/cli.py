@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ import trio
 from . import __version__, logs
 from .app import App
 from .config import Settings
-from .db import embedded, migrate, open_database, redact, resolve_url
+from .db import Store, embedded, migrate, open_database, redact, resolve_url
 from .db.urls import password_of
 from .errors import (
     AppLoadError,
@@ -48,7 +49,7 @@ USER_ERRORS: tuple[type[SpectralError], ...] = (
     RolloutRefusedError)
 
 
-_CONNECTION = ("database_url", "data_dir", "log_format", "log_level")
+_CONNECTION = ("database_url", "database_url_file", "pooler", "data_dir", "log_format", "log_level")
 
 #: The settings each command reads, so its --help and flags name those only (None: every
 #: setting). The environment still supplies all of them; a flag a command does not read
@@ -79,6 +80,13 @@ def _settings_parser(command: str) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("settings (flags override environment variables)")
     for f in Settings.fields():
+        if not f.metadata["flag"]:
+            # A secret with no flag (it would show in ps; its *_FILE setting has one). Every
+            # command still parses it, to refuse it with a clear line that does not echo it
+            # (argparse's "unrecognized arguments" would print the secret).
+            group.add_argument("--" + f.name.replace("_", "-"), dest=f"refused_{f.name}",
+                               help=argparse.SUPPRESS)
+            continue
         if used is not None and f.name not in used:
             continue
         env = f.metadata["env"]
@@ -221,7 +229,27 @@ def _load_settings(args: argparse.Namespace) -> Settings:
         for key, value in vars(args).items()
         if key.startswith("setting_") and value is not None
     }
+    for key, value in vars(args).items():
+        if key.startswith("refused_") and value is not None:
+            name = key[len("refused_"):]
+            raise ConfigurationError(
+                f"--{name.replace('_', '-')}: a secret on the command line shows in ps; use "
+                f"SPECTRAL_{name.upper()} or --{name.replace('_', '-')}-file instead"
+            )
+    for name in ("database_url", "listen_database_url"):
+        # A flag shows in `ps` to every user of the machine: a password goes in a file.
+        if overrides.get(name) and password_of(overrides[name] or ""):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigurationError(
+                f"{flag}: the URL holds a password, which would show in ps; use "
+                f"SPECTRAL_{name.upper()}, {flag}-file or a .pgpass file instead"
+            )
     return Settings.load(overrides=overrides)
+
+
+def _open(url: str, settings: Settings, pool_size: int = 1) -> AbstractAsyncContextManager[Store]:
+    """The CLI's database: a small pool, through the configured pooler mode."""
+    return open_database(url, pool_size=pool_size, pooler=settings.pooler)
 
 
 def load_app(ref: str) -> App:
@@ -262,7 +290,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> None:
-        async with open_database(url, pool_size=1):
+        async with _open(url, settings):
             report = await migrate(url, settings.payload_cap_to_apply,
                                    stale_after=settings.heartbeat_stale_after)
         if report.applied:
@@ -307,7 +335,7 @@ def cmd_publish(args: argparse.Namespace, settings: Settings, url: str) -> int:
             raise ConfigurationError("--available-at: give a time zone, e.g. 2026-01-01T12:00:00+00:00")
 
     async def main() -> None:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             generation = await _generation_for_producer(store, settings)
             event_id = await store.publish(
                 args.topic, text, available_at=available_at, generation=generation
@@ -320,7 +348,7 @@ def cmd_publish(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 def cmd_requeue(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> list[int]:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             if args.ids:
                 if args.to_generation is not None:
                     raise ConfigurationError("--to-generation goes with --topic or --retired-generation")
@@ -342,7 +370,7 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> dict[str, Any]:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             return {
                 "deployments": await store.latest_deployments(5),
                 "workers": await store.workers(settings.heartbeat_stale_after),
@@ -476,7 +504,7 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
         raise RolloutRefusedError(reason)  # the one error line is the log of it
 
     async def main() -> RolloutResult:
-        async with open_database(url, pool_size=2) as store:
+        async with _open(url, settings, 2) as store:
             generation = settings.generation
             if generation is not None and args.reference:
                 raise ConfigurationError("give --generation or --reference, not both")
@@ -528,11 +556,8 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
                 target = ProcessTarget(
                     app=args.app, pidfile=args.pidfile or settings.data_dir / "spectral.pid",
                     log_dir=settings.data_dir / "logs", port=args.new_port,
-                    extra_env={} if not settings.database_url else {
-                        "SPECTRAL_DATABASE_URL": settings.database_url},
+                    extra_env=_child_database_env(settings, url),
                 )
-                if not settings.database_url:
-                    target.extra_env["SPECTRAL_DATABASE_URL"] = url
                 smoke_wait = (2 * settings.reconcile_interval + 5 if args.smoke_wait is None
                               else args.smoke_wait)
                 return await rollout_process(
@@ -562,6 +587,15 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
         _print(f"rolled back: {result.reason}")
 
     return 1 if result.status == "rolled_back" else 0
+
+
+def _child_database_env(settings: Settings, url: str) -> dict[str, str]:
+    """How the new process finds the database: the URL file when one was given (the
+    child then reads the same file; the URL and its file together would be refused),
+    else the URL in its environment (never on its command line)."""
+    if settings.database_url_file is not None:
+        return {"SPECTRAL_DATABASE_URL_FILE": str(settings.database_url_file.resolve())}
+    return {"SPECTRAL_DATABASE_URL": url}
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings, url: str) -> int:
@@ -597,7 +631,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 def cmd_allocate(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> dict[str, Any]:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             return await store.allocate_generation(args.reference, args.deployed_by, args.tag)
 
     row = trio.run(main)
@@ -623,7 +657,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings, url: str) -> int
     action = args.reconcile_command
 
     async def main() -> tuple[bool | None, dict[str, Any] | None]:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             if action != "status":
                 await store.set_reconcile_enabled(
                     {"on": True, "off": False, "default": None}[action]
@@ -670,12 +704,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     secrets: tuple[str, ...] = ()
     try:
         settings = _load_settings(args)
-        if settings.database_url:
-            secrets = tuple(s for s in (password_of(settings.database_url),) if s)
+        secrets = settings.secrets()
         logs.configure(settings.log_format, settings.log_level, secrets)
         if args.command == "db":
             return cmd_db(args, settings)
-        url = resolve_url(settings.database_url, settings.data_dir)
+        given = settings.database_url.reveal() if settings.database_url else None
+        url = resolve_url(given, settings.data_dir)
         if not settings.database_url:
             logging.getLogger("spectral").info("database: %s", redact(url))
         return COMMANDS[args.command](args, settings, url)

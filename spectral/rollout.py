@@ -8,8 +8,9 @@ The flow of the deploy hook in the deploy log, for two targets:
   and exits); otherwise the new one is stopped and the old keeps serving.
 - ``docker``: the same flow as docker commands (run, inspect health, stop).
 
-One rollout at a time per database (an advisory lock held for the whole rollout), and
-every outcome is a deploy record (:mod:`spectral.records`) in core.rollouts and, when asked,
+One rollout at a time per database (a transaction-scoped advisory lock held by a
+transaction open for the whole rollout, safe behind a transaction pooler), and every
+outcome is a deploy record (:mod:`spectral.records`) in core.rollouts and, when asked,
 in a file. Before anything starts, production rollouts pass the staging gate and every
 rollout passes the pre-flight (no claimed work in the old generations, or ``--yes``).
 """
@@ -166,7 +167,8 @@ def docker_commands(
 
 async def _lock(store: Store) -> Connection:
     conn = await store.connect("spectral-rollout")
-    if not await conn.fetchval(DEPLOYMENTS.try_deploy_lock):
+    # Held by a transaction left open until the connection closes (see the query).
+    if not await conn.begin_and_fetchval(DEPLOYMENTS.try_deploy_lock):
         await conn.aclose()
         raise RolloutLockedError(
             "another rollout holds this database's deploy lock; wait for it to finish"

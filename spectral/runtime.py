@@ -88,6 +88,19 @@ async def ensure_schema(url: str, settings: Settings) -> None:
     )
 
 
+async def check_handler_role(store: Store, role: str) -> None:
+    """Refuse to start when turns could not switch to SPECTRAL_HANDLER_ROLE (every turn
+    would fail and its event end DEAD)."""
+    usable = await store.can_set_role(role)
+    if usable is None:
+        raise ConfigurationError(f"SPECTRAL_HANDLER_ROLE: role {role!r} does not exist")
+    if not usable:
+        raise ConfigurationError(
+            f"SPECTRAL_HANDLER_ROLE: the worker's login role is not a member of {role!r} "
+            f"(GRANT {role} TO <the worker's login role>)"
+        )
+
+
 async def resolve_generation(store: Store, settings: Settings) -> int:
     """The generation this process runs (see the runbook's stamping invariants)."""
     if settings.generation is not None:
@@ -240,12 +253,19 @@ async def run_workers(
                       reconnect_budget=settings.reconnect_budget,
                       environment=settings.environment, service=app.service).run
         )
-        if settings.listen_enabled:
+        if settings.listen_enabled and store.can_listen:
             await background.start(
                 OutboxListener(store, state, reconnect_budget=settings.reconnect_budget).listen
             )
+        elif settings.listen_enabled:
+            state.listener_mode = "poll-only"
+            state.listener_note = ("SPECTRAL_POOLER=transaction without "
+                                   "SPECTRAL_LISTEN_DATABASE_URL: LISTEN does not stick")
+            log.warning("%s; no NOTIFY wake-ups, polling every %gs", state.listener_note,
+                        settings.poll_interval, extra={"worker_id": state.worker_id})
         else:
             state.listener_mode = "poll-only"
+            state.listener_note = "SPECTRAL_LISTEN_ENABLED=false"
             log.warning("SPECTRAL_LISTEN_ENABLED=false: no NOTIFY wake-ups, polling only")
         if settings.reaper_enabled:
             await background.start(Reaper(store, state, interval=settings.reap_interval).run)
@@ -285,8 +305,10 @@ async def _http_server(
         deployed_at=None if deployed_at is None else deployed_at.isoformat(),
         detail_token=token, host=settings.http_host, port=settings.http_port,
         drain_budget=settings.drain_timeout, workers=workers, schema_version=latest_version(),
-        listen_enabled=settings.listen_enabled, dashboard_store=store,
+        listen_enabled=settings.listen_enabled and store.can_listen, dashboard_store=store,
         ui_session_ttl=settings.ui_session_ttl, stale_after=settings.heartbeat_stale_after,
+        ops_host=settings.ops_host, ops_port=settings.ops_port,
+        ops_token_required=settings.ops_token_required,
     )
 
 
@@ -295,13 +317,18 @@ async def _api_only(state: RuntimeState) -> None:
     state.stopped.set()
 
 
-async def boot(store: Store, url: str, settings: Settings) -> tuple[Settings, RuntimeState]:
-    """Check the schema, resolve the generation and build the process's state.
+async def boot(
+    store: Store, url: str, settings: Settings, *, check_role: bool = True,
+) -> tuple[Settings, RuntimeState]:
+    """Check the schema (and, for workers, the handler role), resolve the generation and
+    build the process's state.
 
     Returns the settings with the payload cap the database enforces (producers'
     pre-checks use it) and a fresh :class:`RuntimeState`.
     """
     await ensure_schema(url, settings)
+    if check_role and settings.handler_role is not None:
+        await check_handler_role(store, settings.handler_role)
     generation = await resolve_generation(store, settings)
     settings = settings.with_changes(max_payload_bytes=await store.max_payload_bytes())
     return settings, RuntimeState(make_worker_id(), generation)
@@ -357,12 +384,22 @@ async def serve(
     """Run the workers and/or the HTTP server until drained; returns the exit code."""
     check_startup(app, settings, workers=workers)
     token = settings.resolved_detail_token()
+    if http and settings.ops_token_required and token is None:
+        raise ConfigurationError(
+            "SPECTRAL_OPS_TOKEN_REQUIRED=true needs SPECTRAL_DETAIL_TOKEN or "
+            "SPECTRAL_DETAIL_TOKEN_FILE (the bearer token /queue and /metrics then ask for)"
+        )
     version = load_version(settings.version_file)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         watchdog = _DrainWatchdog(settings.drain_timeout + WATCHDOG_GRACE)
         watchdog.install(signal.SIGTERM, signal.SIGINT)
-        async with open_database(url, pool_size=settings.pool_size) as store:
-            settings, state = await boot(store, url, settings)
+        listen_url = settings.listen_database_url
+        async with open_database(
+            url, pool_size=settings.pool_size, pooler=settings.pooler,
+            listen_url=None if listen_url is None else listen_url.reveal(),
+            handler_role=settings.handler_role,
+        ) as store:
+            settings, state = await boot(store, url, settings, check_role=workers)
             watchdog.state = state
             server = None
             if http:

@@ -47,6 +47,7 @@ class RuntimeState:
     draining: trio.Event = field(default_factory=trio.Event)
     drain_deadline: float = float("inf")  # trio.current_time() units
     listener_mode: str = "starting"  # "notify" or "poll-only"
+    listener_note: str | None = None  # why poll-only is intended (a kill switch, a pooler)
     last_notification: float | None = None  # time.monotonic()
     down: set[str] = field(default_factory=set)  # consumers reconnecting now
     recovered: bool = False  # a reconnect happened since the last beat was written

@@ -62,6 +62,8 @@ class HttpServer:
         detail_token: str | None, host: str, port: int, drain_budget: float,
         workers: bool, schema_version: int, listen_enabled: bool = True,
         dashboard_store: Any = None, ui_session_ttl: float = 3600.0, stale_after: float = 60.0,
+        ops_host: str = "127.0.0.1", ops_port: int | None = None,
+        ops_token_required: bool = False,
     ) -> None:
         self._state = state
         self._snapshot = snapshot
@@ -82,6 +84,11 @@ class HttpServer:
         self._dashboard_store = dashboard_store
         self._ui_session_ttl = ui_session_ttl
         self._stale_after = stale_after
+        # /queue and /metrics: on their own listener when ops_port is set, behind the
+        # detail token when ops_token_required.
+        self._ops_bind = None if ops_port is None else f"{ops_host}:{ops_port}"
+        self._ops_ports: set[int] = set()
+        self._ops_token_required = ops_token_required
         self.app = self._build()
 
     # --- the endpoints -------------------------------------------------------------
@@ -99,6 +106,7 @@ class HttpServer:
         age = self._state.last_notification_age()
         return {
             "mode": self._state.listener_mode,
+            "note": self._state.listener_note,
             "last_notification_age_seconds": None if age is None else round(age, 3),
             "reconnects": self._state.counters.reconnects,
         }
@@ -120,6 +128,17 @@ class HttpServer:
             "reaper_last_pass_age_seconds": None if reap is None else round(now - reap, 3),
             "draining": self._state.draining.is_set(),
         }
+
+    def _ops_refusal(self) -> Response | None:
+        """None when the request may see /queue or /metrics, else the refusal to send."""
+        if self._ops_bind is not None:
+            server = request.scope.get("server")
+            if not server or server[1] not in self._ops_ports:
+                return Response(json.dumps({"error": "not found"}), status=404,
+                                content_type="application/json")
+        if self._ops_token_required:
+            return self._authorized()
+        return None
 
     def _authorized(self) -> Response | None:
         """None when the request may see /version/detail, else the refusal to send."""
@@ -177,7 +196,10 @@ class HttpServer:
                     "runtime": self._version.runtime(), "checks": self._checks()}
 
         @app.get("/queue")
-        async def queue() -> dict[str, Any]:
+        async def queue() -> Any:
+            refusal = self._ops_refusal()
+            if refusal is not None:
+                return refusal
             snap = await self._snapshot.get()
             return {
                 "generation": self._state.generation,
@@ -199,6 +221,9 @@ class HttpServer:
 
         @app.get("/metrics")
         async def metrics() -> Response:
+            refusal = self._ops_refusal()
+            if refusal is not None:
+                return refusal
             await self._snapshot.get()
             return Response(self._metrics.render(), content_type=CONTENT_TYPE)
 
@@ -247,6 +272,8 @@ class HttpServer:
     def _config(self) -> HypercornConfig:
         cfg = HypercornConfig()
         cfg.bind = [f"{self._host}:{self._port}"]
+        if self._ops_bind is not None:
+            cfg.bind.append(self._ops_bind)
         cfg.accesslog = None
         cfg.errorlog = log
         cfg.graceful_timeout = self._drain_budget
@@ -278,8 +305,14 @@ class HttpServer:
                 functools.partial(serve, self.asgi, cfg,
                                   shutdown_trigger=functools.partial(self._shutdown_trigger, cfg))
             )
-            log.info("http listening on %s", " ".join(binds),
-                     extra={"worker_id": self._state.worker_id})
+            if self._ops_bind is not None:
+                # Binds come back in the order of cfg.bind: the main listener first.
+                self._ops_ports = {int(b.rsplit(":", 1)[1]) for b in binds[1:]}
+                log.info("http listening on %s; /queue and /metrics only on %s", binds[0],
+                         " ".join(binds[1:]), extra={"worker_id": self._state.worker_id})
+            else:
+                log.info("http listening on %s", " ".join(binds),
+                         extra={"worker_id": self._state.worker_id})
             task_status.started(binds)
         log.info("http stopped", extra={"worker_id": self._state.worker_id})
 

@@ -76,12 +76,40 @@ def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, A
     loop.default_exception_handler(context)
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    # Behind a transaction pooler the next statement may reach another server session:
+    # there is no session of ours to reset (and RESET ALL would reach someone else's).
+    return None
+
+
+def connect_options(pooler: str, application_name: str) -> dict[str, Any]:
+    """asyncpg connect arguments for ``pooler`` ('none', 'session' or 'transaction').
+
+    Poolers refuse startup parameters they do not know, so behind one only
+    ``application_name`` is sent (the idle-in-transaction bound is then set per turn
+    transaction, see :data:`POOLED_IDLE_TIMEOUT`). Behind a transaction pooler the
+    statement cache is off: a prepared statement lives in one server session, and the
+    next transaction may run in another.
+    """
+    options: dict[str, Any] = {"server_settings": {"application_name": application_name}}
+    if pooler == "none" and application_name == "spectral":
+        options["server_settings"] = SESSION_SETTINGS
+    if pooler == "transaction":
+        options["statement_cache_size"] = 0
+    return options
+
+
+#: Behind a pooler: the idle-in-transaction bound (ms) each turn transaction sets locally.
+POOLED_IDLE_TIMEOUT = SESSION_SETTINGS["idle_in_transaction_session_timeout"]
+
+
 @translated
-async def create_pool(url: str, min_size: int, max_size: int) -> asyncpg.Pool:
+async def create_pool(url: str, min_size: int, max_size: int, pooler: str = "none") -> asyncpg.Pool:
     return await asyncpg.create_pool(
         url, min_size=min_size, max_size=max_size, timeout=10,
-        server_settings=SESSION_SETTINGS, max_inactive_connection_lifetime=300,
-        reset=_reset,
+        max_inactive_connection_lifetime=300,
+        reset=_no_reset if pooler == "transaction" else _reset,
+        **connect_options(pooler, "spectral"),
     )
 
 
@@ -93,10 +121,16 @@ async def close_pool(pool: asyncpg.Pool, seconds: float) -> None:
 
 
 @translated
-async def connect(url: str, application_name: str) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        url, timeout=10, server_settings={"application_name": application_name},
-    )
+async def connect(url: str, application_name: str, pooler: str = "none") -> asyncpg.Connection:
+    return await asyncpg.connect(url, timeout=10, **connect_options(pooler, application_name))
+
+
+@translated
+async def begin_and_fetchval(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> Any:
+    """Open a transaction left open on ``conn`` (closing the connection ends it) and run
+    ``sql`` in it: a transaction-scoped lock held this way survives a transaction pooler."""
+    await conn.transaction().start()
+    return await conn.fetchval(sql, *args)
 
 
 async def close_connection(conn: asyncpg.Connection, seconds: float) -> None:
@@ -203,8 +237,13 @@ async def turn_begin(
     mode: QueryMode,
     sql: str,
     args: Sequence[Any],
+    local: tuple[str, str] | None = None,
 ) -> tuple[Any, Any, Any]:
     """Open a handler's transaction and run its first statement, in one hop.
+
+    ``local`` is (idle-in-transaction ms, handler role), '' for none: set with SET LOCAL
+    semantics after Spectral's own statements, before the handler's (see
+    ``OUTBOX.turn_local``); None sends nothing.
 
     Returns ``(connection, transaction, result)``, or ``(None, None, outcome)`` with a
     :class:`TurnOutcome` when the claim was lost or the ledger already has the handler.
@@ -216,6 +255,8 @@ async def turn_begin(
         await tr.start()
         if event_id is None:
             # A plain transaction (a reconcile sweep): no claim to check, no ledger row.
+            if local is not None:
+                await conn.execute(OUTBOX.turn_local, *local)
             return conn, tr, await _run(conn, mode, sql, args)
         if await conn.fetchval(OUTBOX.turn_begin, event_id, token) is None:
             await tr.rollback()
@@ -225,6 +266,8 @@ async def turn_begin(
             await tr.rollback()
             await pool.release(conn)
             return None, None, TurnOutcome.ALREADY_HANDLED
+        if local is not None:
+            await conn.execute(OUTBOX.turn_local, *local)
         result = await _run(conn, mode, sql, args)
     except BaseException:
         await _abandon(pool, conn, tr)
@@ -282,15 +325,14 @@ async def listen(
     channel: str,
     on_notify: Callable[[str], None],
     on_terminate: Callable[[], None],
+    pooler: str = "none",
 ) -> asyncpg.Connection:
     """Open a dedicated connection and LISTEN on ``channel``.
 
     The callbacks run on the event loop's thread (the trio thread under trio-asyncio); they
     must not raise.
     """
-    conn = await asyncpg.connect(
-        url, timeout=10, server_settings={"application_name": "spectral-listener"},
-    )
+    conn = await asyncpg.connect(url, timeout=10, **connect_options(pooler, "spectral-listener"))
     try:
         conn.add_termination_listener(lambda _conn: on_terminate())
         await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))

@@ -190,14 +190,33 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> tuple[list[Any], ..
 class Store:
     """Spectral's database, seen from trio. Built by :func:`spectral.db.open_database`."""
 
-    def __init__(self, pool: Any, url: str) -> None:
+    def __init__(
+        self, pool: Any, url: str, *, pooler: str = "none", listen_url: str | None = None,
+        handler_role: str | None = None,
+    ) -> None:
         self._pool = pool
         self._url = url
+        self._pooler = pooler
+        self._listen_url = listen_url
+        # Set in each turn transaction after Spectral's statements ('' leaves it alone).
+        idle = _aio.POOLED_IDLE_TIMEOUT if pooler != "none" else ""
+        self._turn_local = (idle, handler_role or "") if idle or handler_role else None
 
     @property
     def url(self) -> str:
         """The database URL, password included: never log it (see ``urls.redact``)."""
         return self._url
+
+    @property
+    def pooler(self) -> str:
+        """'none', 'session' or 'transaction': what the database URL reaches."""
+        return self._pooler
+
+    @property
+    def can_listen(self) -> bool:
+        """Whether LISTEN sticks: not through a transaction pooler without a direct
+        listen URL (a notification would reach whichever session ran last)."""
+        return self._listen_url is not None or self._pooler != "transaction"
 
     # --- producers -------------------------------------------------------------------
 
@@ -240,11 +259,11 @@ class Store:
 
     async def open_turn(self, event_id: int, token: uuid.UUID, handler: str) -> TurnTx:
         """A lazily opened transaction for one handler's turn on one event."""
-        return TurnTx(self._pool, event_id, token, handler)
+        return TurnTx(self._pool, event_id, token, handler, self._turn_local)
 
     async def open_transaction(self) -> TurnTx:
         """A lazily opened plain transaction (reconcile sweeps): no claim, no ledger."""
-        return TurnTx(self._pool, None, None, "")
+        return TurnTx(self._pool, None, None, "", self._turn_local)
 
     # --- the reconciler --------------------------------------------------------------
 
@@ -386,6 +405,11 @@ class Store:
     async def workers(self, stale_after: float) -> list[dict[str, Any]]:
         return await self.fetch(WORKERS.list_workers, stale_after)
 
+    async def can_set_role(self, role: str) -> bool | None:
+        """Whether the login role may switch to ``role``; None when ``role`` does not exist."""
+        value = await self.fetchval(WORKERS.can_set_role, role)
+        return None if value is None else bool(value)
+
     async def max_payload_bytes(self) -> int:
         return int(await self.fetchval(PUBLISH.max_payload_bytes))
 
@@ -482,13 +506,15 @@ class Store:
 
     async def connect(self, application_name: str) -> Connection:
         """A dedicated connection outside the pool (heartbeat), so handlers cannot starve it."""
-        return Connection(await hop(_aio.connect, self._url, application_name))
+        return Connection(await hop(_aio.connect, self._url, application_name, self._pooler))
 
     async def listen(
         self, channel: str, on_notify: Callable[[str], None], on_terminate: Callable[[], None]
     ) -> Connection:
-        """A dedicated connection LISTENing on ``channel`` (a pool would UNLISTEN it)."""
-        return Connection(await hop(_aio.listen, self._url, channel, on_notify, on_terminate))
+        """A dedicated connection LISTENing on ``channel`` (a pool would UNLISTEN it), to
+        the direct listen URL when one is configured."""
+        url, pooler = (self._listen_url, "none") if self._listen_url else (self._url, self._pooler)
+        return Connection(await hop(_aio.listen, url, channel, on_notify, on_terminate, pooler))
 
 
 async def staging_pass(url: str, reference: str) -> dict[str, Any] | None:
@@ -528,6 +554,10 @@ class Connection:
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await hop(_aio.conn_fetchval, self._conn, sql, args)
 
+    async def begin_and_fetchval(self, sql: str, *args: Any) -> Any:
+        """Open a transaction that stays open until :meth:`aclose`, and run ``sql`` in it."""
+        return await hop(_aio.begin_and_fetchval, self._conn, sql, args)
+
     async def aclose(self) -> None:
         """Close within :data:`CLEANUP_TIMEOUT`, shielded from cancellation."""
         with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT + 1):
@@ -548,9 +578,11 @@ class TurnTx:
     """
 
     def __init__(
-        self, pool: Any, event_id: int | None, token: uuid.UUID | None, handler: str
+        self, pool: Any, event_id: int | None, token: uuid.UUID | None, handler: str,
+        local: tuple[str, str] | None = None,
     ) -> None:
         self._pool = pool
+        self._local = local  # (idle ms, handler role) set after Spectral's statements
         self._event_id = event_id
         self._token = token
         self._handler = handler
@@ -581,7 +613,7 @@ class TurnTx:
             try:
                 conn, tr, result = await hop(
                     _aio.turn_begin, self._pool, self._event_id, self._token, self._handler,
-                    mode, sql, args,
+                    mode, sql, args, self._local,
                 )
             except SpectralError as exc:  # the first statement failed: nothing is open
                 self.failure = str(exc)

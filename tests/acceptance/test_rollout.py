@@ -317,3 +317,24 @@ def test_a_failed_smoke_check_rolls_back(db_url: str, tmp_path: Path) -> None:
         "rolled back: smoke checks failed: reconciler_runs")
     assert _front_matter(tmp_path / "r.md")["deploy_status"] == "ROLLED_BACK"
     assert not (tmp_path / "data" / "spectral.pid").exists()
+
+
+def test_a_rollout_given_the_url_in_a_file_starts_the_new_process_from_the_same_file(
+    db_url: str, tmp_path: Path
+) -> None:
+    url_file = tmp_path / "database-url"
+    url_file.write_text(db_url + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECTRAL_")}
+    env.update(SPECTRAL_DATABASE_URL_FILE=str(url_file), SPECTRAL_DATA_DIR=str(tmp_path / "data"),
+               SPECTRAL_DEMO_RATE="0", SPECTRAL_DRAIN_TIMEOUT="2")
+    pidfile = tmp_path / "data" / "spectral.pid"
+    done = subprocess.run([sys.executable, "-m", "spectral", "deploy", "rollout", "--reference", "v1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.strip().splitlines()[-1].startswith("success: generation 1 serving")
+    finally:
+        if pidfile.exists():
+            pid = int(pidfile.read_text())
+            os.kill(pid, signal.SIGTERM)
+            assert _wait_gone(pid, 20)

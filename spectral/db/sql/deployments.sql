@@ -22,8 +22,10 @@ ORDER BY generation DESC
 LIMIT $1;
 
 -- name: try_deploy_lock
--- The database-level deploy lock: one rollout at a time, held for the session.
-SELECT pg_try_advisory_lock(7089812386431062138);
+-- The database-level deploy lock: one rollout at a time. Transaction-scoped, taken in a
+-- transaction left open on a dedicated connection for the whole rollout: a session lock
+-- would not survive a transaction pooler (the next statement may reach another session).
+SELECT pg_try_advisory_xact_lock(7089812386431062138);
 
 -- name: begin_rollout
 -- $1 generation, $2 target, $3 old process (pid or container), returns the rollout id.
