@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from ..events import NO_EXTRAS, PublishExtras
 from ._errors import translated
 from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
 
@@ -250,9 +251,13 @@ async def _abandon(pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any) -> Non
 
 @translated
 async def publish(
-    conn: Any, topic: str, payload: str, available_at: datetime | None, generation: int | None
+    conn: Any, topic: str, payload: str, available_at: datetime | None, generation: int | None,
+    extras: PublishExtras = NO_EXTRAS,
 ) -> int:
-    return int(await conn.fetchval(PUBLISH.publish, topic, payload, available_at, generation))
+    return int(await conn.fetchval(
+        PUBLISH.publish, topic, payload, available_at, generation, extras.key,
+        extras.idempotency_key, extras.traceparent,
+    ))
 
 
 @translated

@@ -18,6 +18,7 @@ import trio
 import trio_asyncio
 
 from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError, SpectralError
+from ..events import NO_EXTRAS, PublishExtras
 from . import _aio
 from ._aio import QueryMode
 from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
@@ -78,6 +79,9 @@ class ClaimedRow:
     token: uuid.UUID
     wait_seconds: float
     handled: frozenset[str]
+    key: str | None = None
+    traceparent: str | None = None
+    created_epoch: float | None = None  # created_at as epoch seconds (database clock)
 
 
 class Ack(NamedTuple):
@@ -96,6 +100,7 @@ class Fail(NamedTuple):
     error: str  # stored as last_error
     dead: bool
     reason: str | None  # dead_reason when dead
+    skip: bool = False  # when dead: the row's key moves on instead of waiting for it
 
 
 class Release(NamedTuple):
@@ -181,12 +186,13 @@ class Store:
 
     async def publish(
         self, topic: str, payload_json: str, *, available_at: datetime | None = None,
-        generation: int | None = None,
+        generation: int | None = None, extras: PublishExtras = NO_EXTRAS,
     ) -> int:
         """Publish one already-checked event in its own transaction; returns its id."""
         value = await hop(
             _aio.fetchval, self._pool, PUBLISH.publish,
-            (topic, payload_json, available_at, generation),
+            (topic, payload_json, available_at, generation, extras.key,
+             extras.idempotency_key, extras.traceparent),
         )
         return int(value)
 
@@ -202,13 +208,14 @@ class Store:
                 generation=r["generation"], attempts=r["attempts"],
                 created_at=r["created_at"], token=r["claim_token"],
                 wait_seconds=r["wait_seconds"], handled=frozenset(r["handled"]),
+                key=r["key"], traceparent=r["traceparent"], created_epoch=r["created_epoch"],
             )
             for r in records
         ]
 
     async def settle(self, batch: Settlement) -> Settled:
         args = (*_columns(batch.ack, 2), *_columns(batch.fail, 6), *_columns(batch.release, 4),
-                *_columns(batch.ledger, 2))
+                *_columns(batch.ledger, 2), [f.skip for f in batch.fail])
         acked, failed, released = await hop(_aio.settle, self._pool, args)
         return Settled(acked, failed, released)
 
@@ -289,6 +296,14 @@ class Store:
 
     async def requeue_ids(self, ids: Sequence[int]) -> list[int]:
         return [r["id"] for r in await self.fetch(OUTBOX.requeue_ids, list(ids))]
+
+    async def skip_ids(self, ids: Sequence[int]) -> list[int]:
+        """Let the keys of DEAD rows move on (the rows stay DEAD); returns the ids changed."""
+        return [r["id"] for r in await self.fetch(OUTBOX.skip_ids, list(ids))]
+
+    async def blocked_keys(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Keys held by a DEAD row: key, head_id, topic, generation, dead_reason, waiting."""
+        return await self.fetch(OUTBOX.blocked_keys, limit)
 
     async def requeue_topic(self, topic: str, generation: int | None) -> list[int]:
         return [r["id"] for r in await self.fetch(OUTBOX.requeue_topic, topic, generation)]
@@ -441,7 +456,7 @@ class TurnTx:
 
     async def publish(
         self, topic: str, payload_json: str, available_at: datetime | None,
-        generation: int | None,
+        generation: int | None, extras: PublishExtras = NO_EXTRAS,
     ) -> int:
         if self._conn is None:
             # Open the transaction with a no-op so the publish joins the turn's writes.
@@ -449,7 +464,7 @@ class TurnTx:
         self._refuse_reuse()
         try:
             return await hop(
-                _aio.publish, self._conn, topic, payload_json, available_at, generation
+                _aio.publish, self._conn, topic, payload_json, available_at, generation, extras
             )
         except SpectralError as exc:  # refused by core.publish: the transaction is aborted
             self.failure = str(exc)
