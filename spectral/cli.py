@@ -30,7 +30,7 @@ from .errors import (
     SchemaNotReadyError,
     SpectralError,
 )
-from .events import check_topic, encode_payload
+from .events import check_topic, encode_payload, publish_extras
 from .verdicts import verdicts
 
 if TYPE_CHECKING:
@@ -80,6 +80,17 @@ def _build_parser() -> argparse.ArgumentParser:
     pub.add_argument("topic")
     pub.add_argument("payload", help="a JSON object, e.g. '{\"order_id\": 1}'")
     pub.add_argument("--available-at", help="ISO-8601 time before which it must not run")
+    pub.add_argument("--key", help="ordering key: events of one key run one at a time, in order")
+    pub.add_argument("--idempotency-key",
+                     help="publish at most once per topic and idempotency key (prints the first id)")
+    pub.add_argument("--traceparent", help="a W3C trace context to store with the event")
+
+    skip = sub.add_parser(
+        "skip", parents=[settings],
+        help="let the key of a DEAD keyed event move on (the event stays DEAD)",
+    )
+    skip.add_argument("--id", type=int, action="append", dest="ids", required=True,
+                      help="a DEAD event id (repeatable)")
 
     req = sub.add_parser(
         "requeue", parents=[settings],
@@ -237,11 +248,14 @@ def cmd_publish(args: argparse.Namespace, settings: Settings, url: str) -> int:
         if available_at.tzinfo is None:
             raise ConfigurationError("--available-at: give a time zone, e.g. 2026-01-01T12:00:00+00:00")
 
+    extras = publish_extras(args.key, args.idempotency_key, args.traceparent)
+
     async def main() -> None:
         async with open_database(url, pool_size=1) as store:
             generation = await _generation_for_producer(store, settings)
             event_id = await store.publish(
-                args.topic, text, available_at=available_at, generation=generation
+                args.topic, text, available_at=available_at, generation=generation,
+                extras=extras,
             )
         _print(str(event_id))
 
@@ -271,6 +285,17 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings, url: str) -> int:
     return 0
 
 
+def cmd_skip(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    async def main() -> list[int]:
+        async with open_database(url, pool_size=1) as store:
+            return await store.skip_ids(args.ids)
+
+    ids = trio.run(main)
+    _print(f"skipped {len(ids)} events" + (f": {', '.join(map(str, ids))}" if ids else "")
+           + ("" if len(ids) == len(set(args.ids)) else " (the others are not DEAD or already skipped)"))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> dict[str, Any]:
         async with open_database(url, pool_size=1) as store:
@@ -278,6 +303,7 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
                 "deployments": await store.latest_deployments(5),
                 "workers": await store.workers(settings.heartbeat_stale_after),
                 "outbox": await store.outbox_counts(),
+                "blocked_keys": await store.blocked_keys(20),
             }
 
     view = trio.run(main)
@@ -300,10 +326,20 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
     _print("outbox (generation x status):")
     for row in view["outbox"]:
         _print(f"  gen {row['generation']:>4}  {row['status']:<8} {row['n']}")
+    _print_blocked_keys(view["blocked_keys"])
     _print("verdicts:")
     for v in judged:
         _print(f"  [{'ok' if v.ok else '!!'}] {v.message}")
     return 0
+
+
+def _print_blocked_keys(blocked: list[dict[str, Any]]) -> None:
+    _print(f"blocked keys (a DEAD event holds them): {len(blocked)}"
+           + (" (first 20)" if len(blocked) >= 20 else ""))
+    for b in blocked:
+        _print(f"  key {b['key']!r}  head event {b['head_id']} ({b['topic']}, gen "
+               f"{b['generation']})  {b['waiting']} waiting  {b['dead_reason'] or ''}".rstrip()
+               + f"  -> spectral requeue --id {b['head_id']} | spectral skip --id {b['head_id']}")
 
 
 def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
@@ -422,6 +458,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, str], int]] = {
     "migrate": cmd_migrate,
     "publish": cmd_publish,
     "requeue": cmd_requeue,
+    "skip": cmd_skip,
     "inspect": cmd_inspect,
     "deploy": cmd_deploy,
     "reconcile": cmd_reconcile,

@@ -60,6 +60,10 @@ class _StateCollector(Collector):
             for row in self._snapshot.data["outbox"]:
                 depth.add_metric([str(row["generation"]), row["status"]], row["count"])
             yield depth
+            blocked = GaugeMetricFamily("spectral_blocked_keys",
+                                        "Ordering keys held by a DEAD event (requeue or skip it).")
+            blocked.add_metric([], self._snapshot.data["blocked_keys"]["count"])
+            yield blocked
 
 
 class Metrics:

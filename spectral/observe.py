@@ -12,10 +12,13 @@ from typing import Any, Protocol
 
 import trio
 
-from .db._queries import OBSERVE
+from .db._queries import OBSERVE, OUTBOX
 from .errors import DatabaseError
 
 log = logging.getLogger("spectral.observe")
+
+#: Blocked keys listed in /queue (the count covers them all).
+BLOCKED_KEYS_SHOWN = 20
 
 
 
@@ -60,6 +63,8 @@ class QueueSnapshot:
                            if d.get("retired_at") is None]
             self.schema_version = int(await self._store.fetchval(OBSERVE.schema_version))
             last_pass = await self._store.last_reconcile_pass()
+            blocked = await self._store.fetch(OUTBOX.blocked_keys, BLOCKED_KEYS_SHOWN)
+            blocked_count = int(await self._store.fetchval(OUTBOX.blocked_key_count))
         except DatabaseError as exc:
             self.error = str(exc)
             self._at = trio.current_time()
@@ -78,6 +83,13 @@ class QueueSnapshot:
                 for r in workers
             ],
             "deployments_head": deployments[0]["generation"] if deployments else None,
+            # Keys held by a DEAD event (per-key ordering): the count, and the first heads.
+            "blocked_keys": {
+                "count": blocked_count,
+                "heads": [{"key": b["key"], "head_id": b["head_id"], "topic": b["topic"],
+                           "generation": b["generation"], "waiting": b["waiting"],
+                           "dead_reason": b["dead_reason"]} for b in blocked],
+            },
             "last_reconcile_pass": None if last_pass is None else {
                 "worker_id": last_pass["worker_id"],
                 "started_at": last_pass["started_at"].isoformat(),
