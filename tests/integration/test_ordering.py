@@ -16,7 +16,7 @@ from spectral.db import Ack, Fail, Settlement, Store
 from spectral.db._queries import OUTBOX
 from spectral.errors import InvalidKeyError
 
-from .test_worker_turns import FAST, running, wait_until
+from .test_worker_turns import running, wait_until
 
 TOPIC = "order.event"
 
