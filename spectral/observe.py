@@ -65,6 +65,7 @@ class QueueSnapshot:
             last_pass = await self._store.last_reconcile_pass()
             blocked = await self._store.fetch(OUTBOX.blocked_keys, BLOCKED_KEYS_SHOWN)
             blocked_count = int(await self._store.fetchval(OUTBOX.blocked_key_count))
+            oldest_due = await self._store.fetch(OUTBOX.oldest_due)
         except DatabaseError as exc:
             self.error = str(exc)
             self._at = trio.current_time()
@@ -90,6 +91,8 @@ class QueueSnapshot:
                            "generation": b["generation"], "waiting": b["waiting"],
                            "dead_reason": b["dead_reason"]} for b in blocked],
             },
+            # Seconds the oldest due PENDING event has waited, by generation.
+            "oldest_due": {r["generation"]: r["age"] for r in oldest_due},
             "last_reconcile_pass": None if last_pass is None else {
                 "worker_id": last_pass["worker_id"],
                 "started_at": last_pass["started_at"].isoformat(),

@@ -148,6 +148,8 @@ class Claimer:
         if self._state.turn_observer is not None:
             duration = trio.current_time() - started
             self._state.turn_observer(duration, row.wait_seconds + duration)
+        if self._state.topic_observer is not None:
+            self._state.topic_observer(row.topic, row.wait_seconds + trio.current_time() - started)
 
     def _hand_back(self, outcome: Outcome) -> None:
         """Give a cut-off turn's row back through the settler."""

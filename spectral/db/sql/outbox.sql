@@ -206,3 +206,18 @@ FROM core.deployments AS d
 WHERE d.generation = o.generation AND d.generation = $1 AND d.retired_at IS NOT NULL
   AND o.status = 'PENDING' AND o.deleted_at IS NULL
 RETURNING o.id;
+
+-- name: oldest_due
+-- For each generation with rows in service, how long its oldest due PENDING event has
+-- waited (seconds; 0 when none is due). One index probe per generation (outbox_due_idx).
+SELECT d.generation,
+       coalesce(extract(epoch FROM now() - (
+           SELECT o.available_at FROM core.outbox AS o
+           WHERE o.generation = d.generation AND o.status = 'PENDING' AND o.deleted_at IS NULL
+             AND o.available_at <= now()
+           ORDER BY o.available_at LIMIT 1)), 0)::float8 AS age
+FROM core.deployments AS d
+WHERE d.retired_at IS NULL OR EXISTS (
+    SELECT 1 FROM core.outbox AS r
+    WHERE r.generation = d.generation AND r.status = 'PENDING' AND r.deleted_at IS NULL)
+ORDER BY d.generation;
