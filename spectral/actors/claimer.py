@@ -325,6 +325,10 @@ class Claimer:
             log.error("could not acknowledge %d rows before exiting; the reaper will recover them",
                       len(batch), extra={"worker_id": self._state.worker_id})
             return
+        if any(o.row.key is not None and o.kind is not OutcomeKind.LOST for o in outcomes):
+            # A settled keyed row may have freed its key's next event, which no NOTIFY
+            # announces: claim again now rather than at the next poll.
+            self._state.wake()
         c = self._state.counters
         c.acked += len(settled.acked)
         c.released += len(settled.released)
