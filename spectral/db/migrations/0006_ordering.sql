@@ -64,6 +64,19 @@ CREATE TEMPORARY TABLE publish_acl ON COMMIT DROP AS
     WHERE oid = 'core.publish(text, jsonb, timestamptz, bigint)'::regprocedure;
 DROP FUNCTION core.publish(text, jsonb, timestamptz, bigint);
 
+-- An ordering key or idempotency key (`what` names it in the message): NULL, or 1-256
+-- characters without control characters; anything else raises SQLSTATE 22023.
+CREATE FUNCTION core.check_key(value text, what text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF value IS NOT NULL AND (char_length(value) NOT BETWEEN 1 AND 256 OR value ~ '[[:cntrl:]]') THEN
+        RAISE EXCEPTION 'invalid %: use 1-256 characters without control characters (got % characters)',
+            what, char_length(value)
+            USING ERRCODE = '22023', HINT = 'spectral:invalid_key';
+    END IF;
+END;
+$$;
+
 -- Publish one event from SQL, in the caller's transaction. Returns the event id (the
 -- first event's id when (topic, idempotency_key) was published before).
 -- Bad input raises SQLSTATE 22023 with a one-line message and inserts nothing.
@@ -94,19 +107,8 @@ BEGIN
         RAISE EXCEPTION 'invalid payload: must be a JSON object, got %', coalesce(jsonb_typeof(publish.payload), 'NULL')
             USING ERRCODE = '22023', HINT = 'spectral:invalid_payload';
     END IF;
-    IF publish.key IS NOT NULL AND (char_length(publish.key) NOT BETWEEN 1 AND 256
-                                    OR publish.key ~ '[[:cntrl:]]') THEN
-        RAISE EXCEPTION 'invalid key: use 1-256 characters without control characters (got % characters)',
-            char_length(publish.key)
-            USING ERRCODE = '22023', HINT = 'spectral:invalid_key';
-    END IF;
-    IF publish.idempotency_key IS NOT NULL
-       AND (char_length(publish.idempotency_key) NOT BETWEEN 1 AND 256
-            OR publish.idempotency_key ~ '[[:cntrl:]]') THEN
-        RAISE EXCEPTION 'invalid idempotency key: use 1-256 characters without control characters (got % characters)',
-            char_length(publish.idempotency_key)
-            USING ERRCODE = '22023', HINT = 'spectral:invalid_key';
-    END IF;
+    PERFORM core.check_key(publish.key, 'key');
+    PERFORM core.check_key(publish.idempotency_key, 'idempotency key');
     IF publish.traceparent IS NOT NULL
        AND publish.traceparent !~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$' THEN
         RAISE EXCEPTION 'invalid traceparent: expected the W3C form 00-<32 hex>-<16 hex>-<2 hex>'
