@@ -370,3 +370,61 @@ def test_the_keyed_claim_is_index_driven_with_200k_finished_keyed_rows(db_url: s
     assert "outbox_key_held_idx" not in without
     # ... and walks every earlier row by id, finished ones included, for each candidate.
     assert "Index Cond: (id < o_1.id)" in without, without
+
+
+async def _race_producers_and_claimers(db_url: str, gen: int, seconds: float) -> list[str]:
+    """Producers that do not serialise on their keys (transactions held open a random
+    moment, so ids commit out of order) against claimers that claim and acknowledge at
+    once; returns the double claims the database refused."""
+    import random
+
+    errors: list[str] = []
+    stop = asyncio.Event()
+
+    async def producer(i: int) -> None:
+        rng = random.Random(i)
+        conn = await asyncpg.connect(db_url)
+        try:
+            while not stop.is_set():
+                async with conn.transaction():
+                    await conn.execute(
+                        "SELECT core.publish('order.event', '{}', generation => $1, key => $2)",
+                        gen, f"k{rng.randrange(3)}")
+                    await asyncio.sleep(rng.random() * 0.004)
+        finally:
+            await conn.close()
+
+    async def claimer(i: int) -> None:
+        conn = await asyncpg.connect(db_url)
+        try:
+            while not stop.is_set():
+                try:
+                    rows = await conn.fetch(OUTBOX.claim, gen, 5, f"w{i}", 60.0)
+                except asyncpg.UniqueViolationError as exc:
+                    errors.append(str(exc))
+                    continue
+                if rows:
+                    await conn.execute(
+                        "UPDATE core.outbox SET status = 'DONE', claim_token = NULL,"
+                        " claim_expires_at = NULL WHERE id = ANY($1::bigint[])",
+                        [r["id"] for r in rows])
+        finally:
+            await conn.close()
+
+    tasks = [asyncio.create_task(producer(i)) for i in range(4)]
+    tasks += [asyncio.create_task(claimer(i)) for i in range(4)]
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.gather(*tasks)
+    return errors
+
+
+async def test_unserialised_producers_and_concurrent_claimers_never_claim_one_key_twice(
+    db_url: str, store: Store,
+) -> None:
+    gen = await _gen(store)
+    await store.execute(
+        "CREATE UNIQUE INDEX one_claim_per_key ON core.outbox (key) WHERE status = 'CLAIMED'")
+    errors = await trio_asyncio_run(_race_producers_and_claimers, db_url, gen, 4.0)
+    assert errors == []
+    assert await store.fetchval("SELECT count(*) FROM core.outbox WHERE status = 'DONE'") > 100
