@@ -6,7 +6,7 @@ Properties: within a key, events are handled in publish order, one at a time (no
 turns of one key overlap, and the database never holds two claims of one key); a key
 whose event is DEAD blocks only itself; every event is handled exactly once.
 
-CI runs a few examples; ``SPECTRAL_PROPERTY_EXAMPLES=200`` runs more.
+CI runs a few examples; ``SPECTRAL_PROPERTY_EXAMPLES=200 pytest --timeout 0 ...`` runs more.
 """
 
 from __future__ import annotations
