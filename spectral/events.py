@@ -20,6 +20,7 @@ from .errors import (
     InvalidTraceparentError,
     PayloadTooLargeError,
 )
+from .tracing import current_traceparent
 
 DEFAULT_MAX_PAYLOAD_BYTES = 262_144
 #: Longest ordering key or idempotency key, in characters (core.publish checks the same).
@@ -109,8 +110,6 @@ def publish_extras(
     Raises:
         InvalidKeyError, InvalidTraceparentError: bad input.
     """
-    from .tracing import current_traceparent
-
     checked = check_traceparent(traceparent)
     return PublishExtras(
         check_key(key), check_key(idempotency_key, "idempotency key"),
