@@ -186,6 +186,22 @@ async def test_old_calls_of_core_publish_keep_working(store: Store) -> None:
     assert [(r["key"], r["generation"]) for r in rows] == [(None, gen)] * 4
 
 
+async def _claim_and_finish(
+    conn: asyncpg.Connection, gen: int, limit: int, worker: str, errors: list[str]
+) -> None:
+    """One claim, its rows marked DONE at once; a refused double claim goes to ``errors``."""
+    try:
+        rows = await conn.fetch(OUTBOX.claim, gen, limit, worker, 60.0)
+    except asyncpg.UniqueViolationError as exc:
+        errors.append(str(exc))
+        return
+    if rows:
+        await conn.execute(
+            "UPDATE core.outbox SET status = 'DONE', claim_token = NULL,"
+            " claim_expires_at = NULL WHERE id = ANY($1::bigint[])",
+            [r["id"] for r in rows])
+
+
 async def _held_claims(db_url: str, gen: int, claimers: int, rounds: int) -> list[str]:
     """Claim with ``claimers`` connections at once, acknowledging each batch right away;
     a unique index on (key) of CLAIMED rows makes a double claim of one key an error."""
@@ -195,17 +211,7 @@ async def _held_claims(db_url: str, gen: int, claimers: int, rounds: int) -> lis
         conn = await asyncpg.connect(db_url)
         try:
             for _ in range(rounds):
-                try:
-                    rows = await conn.fetch(OUTBOX.claim, gen, 3, f"w{i}", 60.0)
-                except asyncpg.UniqueViolationError as exc:
-                    errors.append(str(exc))
-                    continue
-                if rows:
-                    await conn.execute(
-                        "UPDATE core.outbox SET status = 'DONE', claim_token = NULL, "
-                        "claim_expires_at = NULL WHERE id = ANY($1::bigint[])",
-                        [r["id"] for r in rows],
-                    )
+                await _claim_and_finish(conn, gen, 3, f"w{i}", errors)
         finally:
             await conn.close()
 
@@ -398,16 +404,7 @@ async def _race_producers_and_claimers(db_url: str, gen: int, seconds: float) ->
         conn = await asyncpg.connect(db_url)
         try:
             while not stop.is_set():
-                try:
-                    rows = await conn.fetch(OUTBOX.claim, gen, 5, f"w{i}", 60.0)
-                except asyncpg.UniqueViolationError as exc:
-                    errors.append(str(exc))
-                    continue
-                if rows:
-                    await conn.execute(
-                        "UPDATE core.outbox SET status = 'DONE', claim_token = NULL,"
-                        " claim_expires_at = NULL WHERE id = ANY($1::bigint[])",
-                        [r["id"] for r in rows])
+                await _claim_and_finish(conn, gen, 5, f"w{i}", errors)
         finally:
             await conn.close()
 
