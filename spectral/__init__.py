@@ -13,8 +13,10 @@ from .errors import ConfigurationError as ConfigurationError
 from .errors import DatabaseError as DatabaseError
 from .errors import DatabaseUnavailableError as DatabaseUnavailableError
 from .errors import InvalidEventError as InvalidEventError
+from .errors import InvalidKeyError as InvalidKeyError
 from .errors import InvalidPayloadError as InvalidPayloadError
 from .errors import InvalidTopicError as InvalidTopicError
+from .errors import InvalidTraceparentError as InvalidTraceparentError
 from .errors import NoGenerationError as NoGenerationError
 from .errors import PayloadTooLargeError as PayloadTooLargeError
 from .errors import SpectralError as SpectralError
@@ -31,4 +33,5 @@ __all__ = [
     "DatabaseUnavailableError", "Event", "InvalidEventError", "InvalidPayloadError",
     "InvalidTopicError", "NoGenerationError", "PayloadTooLargeError", "Settings",
     "SpectralError", "Tx", "open_database", "publish", "publish_trio",
+    "InvalidKeyError", "InvalidTraceparentError",
 ]

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from .events import Event
     from .tx import Tx
 
+#: What a keyed event that became DEAD does to its key (``@app.handler(on_dead=...)``).
+ON_DEAD_POLICIES = ("block", "skip")
+
 #: The reconciler's own sweeps; user sweeps may not take these names.
 BUILTIN_SWEEPS = ("lost_wakeups", "orphaned_claims", "retired_generations", "stale_workers")
 
@@ -34,6 +37,9 @@ class HandlerSpec:
         fn: ``async def fn(event, tx) -> None``.
         max_attempts: attempts before the event becomes DEAD (None: the setting's default).
         timeout: seconds this handler may run (None: HANDLER_MAX); never above HANDLER_MAX.
+        on_dead: for keyed events, what the key does when this handler's failure makes
+            the event DEAD: ``"block"`` (the key waits until the event is requeued or
+            skipped) or ``"skip"`` (the key's next event runs).
     """
 
     name: str
@@ -41,6 +47,7 @@ class HandlerSpec:
     fn: HandlerFn = field(repr=False)
     max_attempts: int | None = None
     timeout: float | None = None
+    on_dead: str = "block"
 
 
 @dataclass(frozen=True)
@@ -102,8 +109,12 @@ class App:
         name: str | None = None,
         max_attempts: int | None = None,
         timeout: float | None = None,
+        on_dead: str = "block",
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Register ``async def fn(event, tx)`` for ``topic``. Several may share a topic.
+
+        ``on_dead`` (``"block"`` or ``"skip"``) decides whether a keyed event this
+        handler fails for good holds its key (see docs/how-to/ordering.md).
 
         Raises:
             ConfigurationError: a bad topic, a duplicate name, a sync function, or a bad
@@ -122,13 +133,18 @@ class App:
             and 0 < timeout < math.inf
         ):
             raise ConfigurationError(f"@app.handler: timeout must be > 0 seconds, got {timeout!r}")
+        if on_dead not in ON_DEAD_POLICIES:
+            raise ConfigurationError(
+                f"@app.handler: on_dead must be 'block' or 'skip', got {on_dead!r}"
+            )
 
         def register(fn: HandlerFn) -> HandlerFn:
             if not inspect.iscoroutinefunction(fn):
                 raise ConfigurationError(
                     f"@app.handler: {_qualified_name(fn)} must be an 'async def' function"
                 )
-            spec = HandlerSpec(name or _qualified_name(fn), topic, fn, max_attempts, timeout)
+            spec = HandlerSpec(name or _qualified_name(fn), topic, fn, max_attempts, timeout,
+                               on_dead)
             if spec.name in self._handlers:
                 raise ConfigurationError(f"@app.handler: a handler named {spec.name!r} exists")
             self._handlers[spec.name] = spec

@@ -34,7 +34,7 @@ from .errors import (
     SchemaNotReadyError,
     SpectralError,
 )
-from .events import check_topic, encode_payload
+from .events import check_topic, encode_payload, publish_extras
 from .observe import health_view
 from .verdicts import verdicts
 
@@ -61,6 +61,7 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...] | None] = {
     "migrate": (*_CONNECTION, "max_payload_bytes", "heartbeat_interval"),
     "publish": (*_CONNECTION, "generation", "environment", "max_payload_bytes"),
     "requeue": _CONNECTION,
+    "skip": _CONNECTION,
     "inspect": (*_CONNECTION, "heartbeat_interval"),
     "prune": (*_CONNECTION, "prune_enabled", "prune_interval", "prune_batch", "retain_done",
               "retain_dead", "retain_workers", "retain_records", "worker_lost_after"),
@@ -126,6 +127,17 @@ def _build_parser() -> argparse.ArgumentParser:
     pub.add_argument("topic")
     pub.add_argument("payload", help="a JSON object, e.g. '{\"order_id\": 1}'")
     pub.add_argument("--available-at", help="ISO-8601 time before which it must not run")
+    pub.add_argument("--key", help="ordering key: events of one key run one at a time, in order")
+    pub.add_argument("--idempotency-key",
+                     help="publish at most once per topic and idempotency key (prints the first id)")
+    pub.add_argument("--traceparent", help="a W3C trace context to store with the event")
+
+    skip = sub.add_parser(
+        "skip", parents=[_settings_parser("skip")],
+        help="let the key of a DEAD keyed event move on (the event stays DEAD)",
+    )
+    skip.add_argument("--id", type=int, action="append", dest="ids", required=True,
+                      help="a DEAD event id (repeatable)")
 
     req = sub.add_parser(
         "requeue", parents=[_settings_parser("requeue")],
@@ -334,11 +346,14 @@ def cmd_publish(args: argparse.Namespace, settings: Settings, url: str) -> int:
         if available_at.tzinfo is None:
             raise ConfigurationError("--available-at: give a time zone, e.g. 2026-01-01T12:00:00+00:00")
 
+    extras = publish_extras(args.key, args.idempotency_key, args.traceparent)
+
     async def main() -> None:
         async with _open(url, settings) as store:
             generation = await _generation_for_producer(store, settings)
             event_id = await store.publish(
-                args.topic, text, available_at=available_at, generation=generation
+                args.topic, text, available_at=available_at, generation=generation,
+                extras=extras,
             )
         _print(str(event_id))
 
@@ -368,6 +383,17 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings, url: str) -> int:
     return 0
 
 
+def cmd_skip(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    async def main() -> list[int]:
+        async with open_database(url, pool_size=1) as store:
+            return await store.skip_ids(args.ids)
+
+    ids = trio.run(main)
+    _print(f"skipped {len(ids)} events" + (f": {', '.join(map(str, ids))}" if ids else "")
+           + ("" if len(ids) == len(set(args.ids)) else " (the others are not DEAD or already skipped)"))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> dict[str, Any]:
         async with _open(url, settings) as store:
@@ -378,6 +404,7 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
                 "tables": await store.table_health(),
                 "xmin_horizon": await store.xmin_horizon(),
                 "last_prune_pass": await store.last_prune_pass(),
+                "blocked_keys": await store.blocked_keys(20),
             }
 
     view = trio.run(main)
@@ -411,6 +438,7 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
         _print(f"pruner: last pass {last['started_at']:%Y-%m-%d %H:%M:%S} by {last['worker_id']} "
                f"in {took:.3f}s, pruned {json.dumps(last['pruned'])}, "
                f"{len(last['errors'])} errors")
+    _print_blocked_keys(view["blocked_keys"])
     _print("verdicts:")
     for v in judged:
         _print(f"  [{'ok' if v.ok else '!!'}] {v.message}")
@@ -475,6 +503,15 @@ def cmd_prune(args: argparse.Namespace, settings: Settings, url: str) -> int:
     for error in errors:
         _print(f"  error: {error}")
     return 1 if errors else 0
+
+
+def _print_blocked_keys(blocked: list[dict[str, Any]]) -> None:
+    _print(f"blocked keys (a DEAD event holds them): {len(blocked)}"
+           + (" (first 20)" if len(blocked) >= 20 else ""))
+    for b in blocked:
+        _print(f"  key {b['key']!r}  head event {b['head_id']} ({b['topic']}, gen "
+               f"{b['generation']})  {b['waiting']} waiting  {b['dead_reason'] or ''}".rstrip()
+               + f"  -> spectral requeue --id {b['head_id']} | spectral skip --id {b['head_id']}")
 
 
 def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
@@ -681,6 +718,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, str], int]] = {
     "migrate": cmd_migrate,
     "publish": cmd_publish,
     "requeue": cmd_requeue,
+    "skip": cmd_skip,
     "inspect": cmd_inspect,
     "prune": cmd_prune,
     "deploy": cmd_deploy,

@@ -32,6 +32,14 @@ class PayloadTooLargeError(InvalidEventError):
     """The payload's JSON text is larger than the configured cap."""
 
 
+class InvalidKeyError(InvalidEventError):
+    """An ordering key or idempotency key is empty, too long or holds control characters."""
+
+
+class InvalidTraceparentError(InvalidEventError):
+    """A traceparent is not a W3C trace context header value."""
+
+
 class NoGenerationError(SpectralError):
     """No deployment generation exists (or the configured one is unknown)."""
 

@@ -70,6 +70,17 @@ class _StateCollector(Collector):
             for (gen, status), n in sorted(counts.items()):
                 depth.add_metric([gen, status], n)
             yield depth
+            blocked = GaugeMetricFamily("spectral_blocked_keys",
+                                        "Ordering keys held by a DEAD event (requeue or skip it).")
+            blocked.add_metric([], self._snapshot.data["blocked_keys"]["count"])
+            yield blocked
+            oldest = GaugeMetricFamily(
+                "spectral_oldest_due_age_seconds",
+                "Age of the oldest due PENDING event, by generation (0 when none is due).",
+                labels=["generation"])
+            for gen, age in self._snapshot.data["oldest_due"].items():
+                oldest.add_metric([str(gen)], age)
+            yield oldest
             yield from _health_metrics(self._snapshot.data.get("health"))
 
 
@@ -149,12 +160,21 @@ class Metrics:
             "From an event becoming due (its commit, or available_at) to its turn's end.",
             buckets=_SECONDS_BUCKETS, registry=self.registry,
         )
+        self.topic_latency_seconds = Histogram(
+            "spectral_commit_to_handled_by_topic_seconds",
+            "From an event becoming due (its commit, or available_at) to its turn's end, per topic.",
+            labelnames=["topic"], buckets=_SECONDS_BUCKETS, registry=self.registry,
+        )
         self.registry.register(_StateCollector(state, snapshot))
         state.turn_observer = self.observe_turn
+        state.topic_observer = self.observe_topic
 
     def observe_turn(self, duration: float, latency: float) -> None:
         self.turn_seconds.observe(duration)
         self.latency_seconds.observe(latency)
+
+    def observe_topic(self, topic: str, latency: float) -> None:
+        self.topic_latency_seconds.labels(topic).observe(latency)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

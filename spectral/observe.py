@@ -18,10 +18,13 @@ from .verdicts import health_verdicts
 
 log = logging.getLogger("spectral.observe")
 
+#: Blocked keys listed in /queue (the count covers them all).
+BLOCKED_KEYS_SHOWN = 20
+
 
 
 class ObserveStore(Protocol):
-    async def snapshot(self, stale_after: float) -> dict[str, Any]: ...
+    async def snapshot(self, stale_after: float, blocked_shown: int = ...) -> dict[str, Any]: ...
 
 
 def _iso(value: Any) -> str | None:
@@ -104,7 +107,7 @@ class QueueSnapshot:
 
     async def refresh(self) -> None:
         try:
-            rows = await self._store.snapshot(self._stale_after)
+            rows = await self._store.snapshot(self._stale_after, BLOCKED_KEYS_SHOWN)
         except DatabaseError as exc:
             self.error = str(exc)
             self._at = trio.current_time()
@@ -126,6 +129,15 @@ class QueueSnapshot:
                 for r in workers
             ],
             "deployments_head": deployments[0]["generation"] if deployments else None,
+            # Keys held by a DEAD event (per-key ordering): the count, and the first heads.
+            "blocked_keys": {
+                "count": rows["blocked_key_count"],
+                "heads": [{"key": b["key"], "head_id": b["head_id"], "topic": b["topic"],
+                           "generation": b["generation"], "waiting": b["waiting"],
+                           "dead_reason": b["dead_reason"]} for b in rows["blocked_keys"]],
+            },
+            # Seconds the oldest due PENDING event has waited, by generation.
+            "oldest_due": {r["generation"]: r["age"] for r in rows["oldest_due"]},
             "last_reconcile_pass": _pass_view(rows["last_reconcile_pass"], "unblocked"),
             "last_prune_pass": _pass_view(rows["last_prune_pass"], "pruned"),
             "health": health_view(rows["tables"], rows["horizon"],

@@ -53,6 +53,7 @@ class RuntimeState:
     recovered: bool = False  # a reconnect happened since the last beat was written
     in_flight: dict[tuple[int, str], InFlight] = field(default_factory=dict)
     turn_observer: Callable[[float, float], None] | None = None  # (turn s, due-to-done s)
+    topic_observer: Callable[[str, float], None] | None = None  # (topic, due-to-done s)
     stopped: trio.Event = field(default_factory=trio.Event)  # workers done; HTTP may stop
     last_beat: float | None = None  # time.monotonic() of the last heartbeat written
     lease_renewed: float | None = None  # trio.current_time() of the last row write

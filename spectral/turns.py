@@ -24,6 +24,7 @@ from .db import Ack, ClaimedRow, Fail, Handled, Release, Settlement, TurnTx
 from .errors import AlreadyHandledError
 from .events import Event
 from .state import InFlight, RuntimeState
+from .tracing import turn_span
 from .tx import Tx
 
 log = logging.getLogger("spectral.turn")
@@ -73,6 +74,7 @@ class Outcome:
     reason: str | None = None
     delay: float = 0.0
     charge: bool = False
+    skip: bool = False  # DEAD with every failed handler's on_dead="skip": the key moves on
 
     def __post_init__(self) -> None:
         self.kind = OutcomeKind(self.kind)
@@ -85,7 +87,8 @@ class Outcome:
         if self.kind is OutcomeKind.ACK:
             batch.ack.append(Ack(r.id, r.token))
         elif self.kind is OutcomeKind.FAIL:
-            batch.fail.append(Fail(r.id, r.token, self.delay, self.error or "", self.dead, self.reason))
+            batch.fail.append(Fail(r.id, r.token, self.delay, self.error or "", self.dead,
+                                   self.reason, self.skip))
         else:
             batch.release.append(Release(r.id, r.token, self.charge, self.error))
 
@@ -196,8 +199,18 @@ class TurnRunner:
             return Outcome(row, OutcomeKind.FAIL,
                            error=f"{reason}; previous runs never acknowledged",
                            dead=True, reason=reason)
+        with turn_span(event_id=row.id, topic=row.topic, key=row.key,
+                       generation=row.generation, attempt=attempt,
+                       traceparent=row.traceparent) as span:
+            outcome = await self._run_pending(row, pending, attempt, progress)
+            span.outcome("dead" if outcome.dead else outcome.kind.value)
+        return outcome
+
+    async def _run_pending(
+        self, row: ClaimedRow, pending: list[HandlerSpec], attempt: int, progress: TurnProgress
+    ) -> Outcome:
         event = Event(row.id, row.topic, row.payload, row.generation, attempt, row.created_at,
-                      row.handled)
+                      row.handled, row.key, row.traceparent)
         succeeded: set[str] = set()
         failures = progress.failures
         with trio.CancelScope(deadline=trio.current_time() + self._handler_max) as turn_scope:
@@ -248,9 +261,11 @@ class TurnRunner:
         failed_limit = self._policy.limit(specs) if specs else self._policy.max_attempts
         if attempt >= failed_limit:
             reason = f"failed {attempt} of {failed_limit} attempts"
+            # The key moves on only when every handler that failed says so.
+            skip = bool(specs) and all(s.on_dead == "skip" for s in specs)
             self._log(logging.WARNING, "dead", row, attempt=attempt, error=error)
             return Outcome(row, OutcomeKind.FAIL, ledger=ledger, error=error, dead=True,
-                           reason=reason)
+                           reason=reason, skip=skip)
         delay = self._policy.delay(attempt, self._rng)
         self._log(logging.INFO, "retry", row, attempt=attempt, delay=round(delay, 3), error=error)
         return Outcome(row, OutcomeKind.FAIL, ledger=ledger, error=error, delay=delay)

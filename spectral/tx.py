@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from .db import TurnTx
-from .events import check_topic, encode_payload
+from .events import check_topic, encode_payload, publish_extras
 
 
 class Tx:
@@ -51,10 +51,19 @@ class Tx:
         *,
         available_at: datetime | None = None,
         generation: int | None = None,
+        key: str | None = None,
+        idempotency_key: str | None = None,
+        traceparent: str | None = None,
     ) -> int:
-        """Publish a follow-up event in this transaction (default: this worker's generation)."""
+        """Publish a follow-up event in this transaction (default: this worker's generation).
+
+        ``key``, ``idempotency_key`` and ``traceparent`` are as for :func:`spectral.publish`
+        (the trace context defaults to the turn's span when OpenTelemetry is installed).
+        """
         text = encode_payload(payload, self._max_payload_bytes)
         check_topic(topic)
+        extras = publish_extras(key, idempotency_key, traceparent)
         return await self._turn.publish(
-            topic, text, available_at, self._generation if generation is None else generation
+            topic, text, available_at, self._generation if generation is None else generation,
+            extras,
         )

@@ -35,6 +35,8 @@ log = logging.getLogger("spectral.ui")
 
 COOKIE = "spectral_ui"
 STATUSES = ("PENDING", "CLAIMED", "DONE", "DEAD")
+#: Keys held by a DEAD event shown on the page (per-key ordering).
+BLOCKED_KEYS_SHOWN = 20
 THROUGHPUT_MINUTES = 30
 DEAD_ROWS_SHOWN = 50
 WORKERS_SHOWN = 50
@@ -51,6 +53,7 @@ class DashboardStore(Protocol):
     async def set_reconcile_enabled(self, enabled: bool | None) -> None: ...
     async def dead_rows(self, limit: int) -> list[dict[str, Any]]: ...
     async def dead_topics(self) -> list[dict[str, Any]]: ...
+    async def blocked_keys(self, limit: int = 20) -> list[dict[str, Any]]: ...
     async def throughput(self, minutes: int) -> list[dict[str, Any]]: ...
     async def requeue_ids(self, ids: list[int]) -> list[int]: ...
     async def requeue_topic(self, topic: str, generation: int | None) -> list[int]: ...
@@ -197,6 +200,7 @@ class Dashboard:
             "statuses": STATUSES, "outbox": sorted(pivot.items(), reverse=True), "totals": totals,
             "dead": await self._store.dead_rows(DEAD_ROWS_SHOWN),
             "dead_topics": await self._store.dead_topics(),
+            "blocked": await self._store.blocked_keys(BLOCKED_KEYS_SHOWN),
             "override": override,
             "reconcile_setting": None if block is None else block.get("enabled"),
             "reconcile_here": block is not None,

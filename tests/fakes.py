@@ -214,7 +214,7 @@ class FakeTurnTx(TurnTx):
 
     async def publish(
         self, topic: str, payload_json: str, available_at: datetime | None,
-        generation: int | None,
+        generation: int | None, extras: Any = None,
     ) -> int:
         if not self._open:
             await self.query("execute", "SELECT 1", ())
@@ -492,7 +492,7 @@ class FakeStore:
             if (row := self._fenced(event_id, token)) is not None:
                 self._unclaim(row, "DONE")
                 acked.add(event_id)
-        for event_id, token, delay, error, dead, reason in batch.fail:
+        for event_id, token, delay, error, dead, reason, _skip in batch.fail:
             if (row := self._fenced(event_id, token)) is not None:
                 self._unclaim(row, "DEAD" if dead else "PENDING")
                 row.attempts += 1
@@ -538,7 +538,7 @@ class FakeStore:
 
     async def publish(
         self, topic: str, payload_json: str, *, available_at: datetime | None = None,
-        generation: int | None = None,
+        generation: int | None = None, extras: Any = None,
     ) -> int:
         await self._call("publish", topic, payload_json, available_at, generation)
         row = self._new_row(topic, payload_json, available_at, generation)

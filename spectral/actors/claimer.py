@@ -150,6 +150,8 @@ class Claimer:
         if self._state.turn_observer is not None:
             duration = trio.current_time() - started
             self._state.turn_observer(duration, row.wait_seconds + duration)
+        if self._state.topic_observer is not None:
+            self._state.topic_observer(row.topic, row.wait_seconds + trio.current_time() - started)
 
     def _hand_back(self, outcome: Outcome) -> None:
         """Give a cut-off turn's row back through the settler."""
@@ -326,6 +328,10 @@ class Claimer:
             log.error("could not acknowledge %d rows before exiting; the reaper will recover them",
                       len(batch), extra={"worker_id": self._state.worker_id})
             return
+        if any(o.row.key is not None and o.kind is not OutcomeKind.LOST for o in outcomes):
+            # A settled keyed row may have freed its key's next event, which no NOTIFY
+            # announces: claim again now rather than at the next poll.
+            self._state.wake()
         c = self._state.counters
         c.acked += len(settled.acked)
         c.released += len(settled.released)

@@ -206,6 +206,7 @@ class HttpServer:
                 "outbox": snap.get("outbox", []),
                 "workers": snap.get("workers", []),
                 "deployments_head": snap.get("deployments_head"),
+                "blocked_keys": snap.get("blocked_keys"),
                 "in_flight": len(self._state.in_flight),
                 "listener": self._listener() if self._workers else None,
                 "database": "ok" if self._snapshot.database_ok else self._snapshot.error,

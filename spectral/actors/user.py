@@ -11,7 +11,7 @@ from typing import Any, NoReturn, Protocol
 import trio
 
 from ..app import ActorSpec
-from ..events import check_topic, encode_payload
+from ..events import NO_EXTRAS, PublishExtras, check_topic, encode_payload, publish_extras
 from ..state import RuntimeState
 from ._backoff import backoff_delay
 
@@ -26,7 +26,7 @@ HEALTHY_AFTER = 60.0
 class ActorStore(Protocol):
     async def publish(
         self, topic: str, payload_json: str, *, available_at: datetime | None = None,
-        generation: int | None = None,
+        generation: int | None = None, extras: PublishExtras = NO_EXTRAS,
     ) -> int: ...
 
     async def execute(self, sql: str, *args: Any) -> str: ...
@@ -44,13 +44,19 @@ class ActorContext:
     _max_payload_bytes: int
 
     async def publish(
-        self, topic: str, payload: dict[str, Any], *, available_at: datetime | None = None
+        self, topic: str, payload: dict[str, Any], *, available_at: datetime | None = None,
+        key: str | None = None, idempotency_key: str | None = None,
+        traceparent: str | None = None,
     ) -> int:
-        """Publish an event in its own transaction, stamped with this worker's generation."""
+        """Publish an event in its own transaction, stamped with this worker's generation.
+
+        ``key``, ``idempotency_key`` and ``traceparent`` are as for :func:`spectral.publish`.
+        """
         text = encode_payload(payload, self._max_payload_bytes)
         check_topic(topic)
+        extras = publish_extras(key, idempotency_key, traceparent)
         return await self._store.publish(
-            topic, text, available_at=available_at, generation=self.generation
+            topic, text, available_at=available_at, generation=self.generation, extras=extras
         )
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from ..events import NO_EXTRAS, PublishExtras
 from ._errors import translated
 from ._queries import DEPLOYMENTS, OBSERVE, OUTBOX, PRUNE, PUBLISH, RECONCILE, WORKERS
 
@@ -314,9 +315,13 @@ async def _abandon(pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any) -> Non
 
 @translated
 async def publish(
-    conn: Any, topic: str, payload: str, available_at: datetime | None, generation: int | None
+    conn: Any, topic: str, payload: str, available_at: datetime | None, generation: int | None,
+    extras: PublishExtras = NO_EXTRAS,
 ) -> int:
-    return int(await conn.fetchval(PUBLISH.publish, topic, payload, available_at, generation))
+    return int(await conn.fetchval(
+        PUBLISH.publish, topic, payload, available_at, generation, extras.key,
+        extras.idempotency_key, extras.traceparent,
+    ))
 
 
 @translated
@@ -400,7 +405,9 @@ async def retire_generations(
 
 
 @translated
-async def snapshot(pool: asyncpg.Pool, stale_after: float, dead_cap: int) -> dict[str, Any]:
+async def snapshot(
+    pool: asyncpg.Pool, stale_after: float, dead_cap: int, blocked_shown: int
+) -> dict[str, Any]:
     """Every query of the queue snapshot on one connection, in one hop."""
     with _own_statements():
         async with pool.acquire() as conn:
@@ -413,6 +420,9 @@ async def snapshot(pool: asyncpg.Pool, stale_after: float, dead_cap: int) -> dic
                 "last_prune_pass": await conn.fetchrow(PRUNE.last_pass),
                 "tables": list(await conn.fetch(OBSERVE.table_health)),
                 "horizon": await conn.fetchrow(OBSERVE.xmin_horizon),
+                "blocked_keys": list(await conn.fetch(OUTBOX.blocked_keys, blocked_shown)),
+                "blocked_key_count": await conn.fetchval(OUTBOX.blocked_key_count),
+                "oldest_due": list(await conn.fetch(OUTBOX.oldest_due)),
             }
 
 

@@ -19,6 +19,8 @@ _HINTS: dict[str, type[errors.SpectralError]] = {
     "spectral:invalid_topic": errors.InvalidTopicError,
     "spectral:invalid_payload": errors.InvalidPayloadError,
     "spectral:payload_too_large": errors.PayloadTooLargeError,
+    "spectral:invalid_key": errors.InvalidKeyError,
+    "spectral:invalid_traceparent": errors.InvalidTraceparentError,
     "spectral:no_generation": errors.NoGenerationError,
 }
 

@@ -16,7 +16,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from ..config import Settings
-from ..events import DEFAULT_MAX_PAYLOAD_BYTES, check_topic, encode_payload
+from ..events import DEFAULT_MAX_PAYLOAD_BYTES, check_topic, encode_payload, publish_extras
 from . import _aio
 from .store import hop
 
@@ -24,7 +24,8 @@ from .store import hop
 class _TxLike(Protocol):
     async def publish(
         self, topic: str, payload: dict[str, Any], *, available_at: datetime | None = None,
-        generation: int | None = None,
+        generation: int | None = None, key: str | None = None,
+        idempotency_key: str | None = None, traceparent: str | None = None,
     ) -> int: ...
 
 
@@ -46,6 +47,9 @@ async def publish(
     available_at: datetime | None = None,
     generation: int | None = None,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    key: str | None = None,
+    idempotency_key: str | None = None,
+    traceparent: str | None = None,
 ) -> int:
     """Write one event into the outbox in ``conn``'s current transaction (asyncio).
 
@@ -58,18 +62,28 @@ async def publish(
         generation: the generation to stamp; default ``SPECTRAL_GENERATION`` when set,
             else the newest ``core.deployments`` generation.
         max_payload_bytes: the local pre-check; the database enforces its own cap too.
+        key: the ordering key (1-256 characters, no control characters): events of one
+            key are handled one at a time, in publish order (docs/how-to/ordering.md).
+        idempotency_key: publishing again with the same topic and idempotency key
+            returns the first event's id and inserts nothing, for as long as that
+            event's row exists.
+        traceparent: a W3C trace context to store with the event; default: the current
+            OpenTelemetry span's, when ``opentelemetry-api`` is installed.
 
     Returns:
-        The event id.
+        The event id (the first event's id for a repeated idempotency key).
 
     Raises:
-        InvalidTopicError, InvalidPayloadError, PayloadTooLargeError: bad input; nothing
-            was written.
+        InvalidTopicError, InvalidPayloadError, PayloadTooLargeError, InvalidKeyError,
+            InvalidTraceparentError: bad input; nothing was written.
         NoGenerationError: no generation given and none allocated.
     """
     text = encode_payload(payload, max_payload_bytes)
     check_topic(topic)
-    return await _aio.publish(conn, topic, text, available_at, _producer_generation(generation))
+    extras = publish_extras(key, idempotency_key, traceparent)
+    return await _aio.publish(
+        conn, topic, text, available_at, _producer_generation(generation), extras
+    )
 
 
 async def publish_trio(
@@ -80,6 +94,9 @@ async def publish_trio(
     available_at: datetime | None = None,
     generation: int | None = None,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    key: str | None = None,
+    idempotency_key: str | None = None,
+    traceparent: str | None = None,
 ) -> int:
     """The trio twin of :func:`publish`.
 
@@ -88,9 +105,12 @@ async def publish_trio(
     """
     if not isinstance(target, asyncpg.Connection | PoolConnectionProxy):
         tx: _TxLike = target
-        return await tx.publish(topic, payload, available_at=available_at, generation=generation)
+        return await tx.publish(topic, payload, available_at=available_at, generation=generation,
+                                key=key, idempotency_key=idempotency_key,
+                                traceparent=traceparent)
     text = encode_payload(payload, max_payload_bytes)
     check_topic(topic)
+    extras = publish_extras(key, idempotency_key, traceparent)
     return await hop(
-        _aio.publish, target, topic, text, available_at, _producer_generation(generation)
+        _aio.publish, target, topic, text, available_at, _producer_generation(generation), extras
     )

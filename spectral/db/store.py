@@ -18,6 +18,7 @@ import trio
 import trio_asyncio
 
 from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError, SpectralError
+from ..events import NO_EXTRAS, PublishExtras
 from . import _aio
 from ._aio import QueryMode
 from ._queries import (
@@ -93,6 +94,9 @@ class ClaimedRow:
     token: uuid.UUID
     wait_seconds: float
     handled: frozenset[str]
+    key: str | None = None
+    traceparent: str | None = None
+    created_epoch: float | None = None  # created_at as epoch seconds (database clock)
 
 
 class Ack(NamedTuple):
@@ -111,6 +115,7 @@ class Fail(NamedTuple):
     error: str  # stored as last_error
     dead: bool
     reason: str | None  # dead_reason when dead
+    skip: bool = False  # when dead: the row's key moves on instead of waiting for it
 
 
 class Release(NamedTuple):
@@ -222,12 +227,13 @@ class Store:
 
     async def publish(
         self, topic: str, payload_json: str, *, available_at: datetime | None = None,
-        generation: int | None = None,
+        generation: int | None = None, extras: PublishExtras = NO_EXTRAS,
     ) -> int:
         """Publish one already-checked event in its own transaction; returns its id."""
         value = await hop(
             _aio.fetchval, self._pool, PUBLISH.publish,
-            (topic, payload_json, available_at, generation),
+            (topic, payload_json, available_at, generation, extras.key,
+             extras.idempotency_key, extras.traceparent),
         )
         return int(value)
 
@@ -243,13 +249,14 @@ class Store:
                 generation=r["generation"], attempts=r["attempts"],
                 created_at=r["created_at"], token=r["claim_token"],
                 wait_seconds=r["wait_seconds"], handled=frozenset(r["handled"]),
+                key=r["key"], traceparent=r["traceparent"], created_epoch=r["created_epoch"],
             )
             for r in records
         ]
 
     async def settle(self, batch: Settlement) -> Settled:
         args = (*_columns(batch.ack, 2), *_columns(batch.fail, 6), *_columns(batch.release, 4),
-                *_columns(batch.ledger, 2))
+                *_columns(batch.ledger, 2), [f.skip for f in batch.fail])
         acked, failed, released = await hop(_aio.settle, self._pool, args)
         return Settled(acked, failed, released)
 
@@ -336,15 +343,19 @@ class Store:
 
     # --- observation -----------------------------------------------------------------
 
-    async def snapshot(self, stale_after: float) -> dict[str, Any]:
+    async def snapshot(self, stale_after: float, blocked_shown: int = 20) -> dict[str, Any]:
         """The queue snapshot's rows in one hop: ``outbox`` (as :meth:`outbox_counts`),
         ``workers`` (by generation and state), ``deployments`` (the newest 5),
         ``schema_version``, ``last_reconcile_pass``, ``last_prune_pass``, ``tables`` (as
-        :meth:`table_health`) and ``horizon`` (as :meth:`xmin_horizon`)."""
-        raw = await hop(_aio.snapshot, self._pool, stale_after, DEAD_COUNT_CAP)
+        :meth:`table_health`), ``horizon`` (as :meth:`xmin_horizon`), ``blocked_keys``
+        (the first ``blocked_shown`` keys held by a DEAD event), ``blocked_key_count`` and
+        ``oldest_due`` (the oldest due event's age per generation)."""
+        raw = await hop(_aio.snapshot, self._pool, stale_after, DEAD_COUNT_CAP, blocked_shown)
         out: dict[str, Any] = {
-            key: [dict(r) for r in raw[key]] for key in ("outbox", "workers", "deployments", "tables")
+            key: [dict(r) for r in raw[key]]
+            for key in ("outbox", "workers", "deployments", "tables", "blocked_keys", "oldest_due")
         }
+        out["blocked_key_count"] = int(raw["blocked_key_count"])
         out["schema_version"] = int(raw["schema_version"])
         out["last_reconcile_pass"] = _pass_row(raw["last_reconcile_pass"], "unblocked")
         out["last_prune_pass"] = _pass_row(raw["last_prune_pass"], "pruned")
@@ -383,6 +394,14 @@ class Store:
 
     async def requeue_ids(self, ids: Sequence[int]) -> list[int]:
         return [r["id"] for r in await self.fetch(OUTBOX.requeue_ids, list(ids))]
+
+    async def skip_ids(self, ids: Sequence[int]) -> list[int]:
+        """Let the keys of DEAD rows move on (the rows stay DEAD); returns the ids changed."""
+        return [r["id"] for r in await self.fetch(OUTBOX.skip_ids, list(ids))]
+
+    async def blocked_keys(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Keys held by a DEAD row: key, head_id, topic, generation, dead_reason, waiting."""
+        return await self.fetch(OUTBOX.blocked_keys, limit)
 
     async def requeue_topic(self, topic: str, generation: int | None) -> list[int]:
         return [r["id"] for r in await self.fetch(OUTBOX.requeue_topic, topic, generation)]
@@ -642,7 +661,7 @@ class TurnTx:
 
     async def publish(
         self, topic: str, payload_json: str, available_at: datetime | None,
-        generation: int | None,
+        generation: int | None, extras: PublishExtras = NO_EXTRAS,
     ) -> int:
         if self._conn is None:
             # Open the transaction with a no-op so the publish joins the turn's writes.
@@ -650,7 +669,7 @@ class TurnTx:
         self._refuse_reuse()
         try:
             return await hop(
-                _aio.publish, self._conn, topic, payload_json, available_at, generation
+                _aio.publish, self._conn, topic, payload_json, available_at, generation, extras
             )
         except SpectralError as exc:  # refused by core.publish: the transaction is aborted
             self.failure = str(exc)

@@ -108,3 +108,22 @@ def test_actions_need_the_pages_csrf_token_and_change_nothing_without_it(
 
         status, _, page = call(base, "POST", "/ui/requeue", form={"id": "x1", "csrf": csrf}, cookie=cookie)
         assert status == 400
+
+
+def test_the_dashboard_lists_keys_a_dead_event_blocks_with_their_head(
+    db_url: str, tmp_path: Path
+) -> None:
+    seed(db_url)
+    [head] = query(db_url, "INSERT INTO core.outbox (generation, topic, payload, status, attempts,"
+                           " dead_reason, key) VALUES (2, 'billing.invoice.created', '{}', 'DEAD', 3,"
+                           " 'failed 3 of 3 attempts', 'order-<42>') RETURNING id")
+    query(db_url, "INSERT INTO core.outbox (generation, topic, payload, key) SELECT 2,"
+                  " 'billing.invoice.created', '{}', 'order-<42>' FROM generate_series(1, 2)")
+    with running(db_url, tmp_path, 3) as (_, base):
+        cookie, _ = login(base)
+        _, _, page = call(base, "GET", "/ui", cookie=cookie)
+    row = re.search(r'<tr data-blocked-key="order-&lt;42&gt;">(.*?)</tr>', page, re.S)
+    assert row, page
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
+    assert cells == ["order-&lt;42&gt;", str(head["id"]), "billing.invoice.created", "2", "2",
+                     "failed 3 of 3 attempts"]

@@ -117,18 +117,18 @@ PERIODIC = [
     ("reap", OUTBOX.reap, (500,), "500"),
     ("claim", OUTBOX.claim, (1, 100, "w-1", 60.0), "1, 100, 'w', 60"),
     ("settle: acks with ledger", OUTBOX.settle,
-     (IDS, TOKENS, [], [], [], [], [], [], [], [], [], [], ["h"] * 3, IDS),
+     (IDS, TOKENS, [], [], [], [], [], [], [], [], [], [], ["h"] * 3, IDS, []),
      f"{ID_LIT}, {TOKEN_LIT}, '{{}}'::bigint[], '{{}}'::uuid[], '{{}}'::float8[], '{{}}'::text[],"
      " '{}'::bool[], '{}'::text[], '{}'::bigint[], '{}'::uuid[], '{}'::bool[], '{}'::text[],"
-     f" '{{h,h,h}}'::text[], {ID_LIT}"),
+     f" '{{h,h,h}}'::text[], {ID_LIT}, '{{}}'::bool[]"),
     ("settle: failures and releases", OUTBOX.settle,
      ([], [], IDS[:2], TOKENS[:2], [1.0, 1.0], ["e", "e"], [False, True], [None, "r"],
-      IDS[2:], TOKENS[2:], [False], [None], [], []),
+      IDS[2:], TOKENS[2:], [False], [None], [], [], [False, False]),
      "'{}'::bigint[], '{}'::uuid[], '{1,2}'::bigint[], "
      f"'{{{TOKENS[0]},{TOKENS[1]}}}'::uuid[], '{{1,1}}'::float8[], '{{e,e}}'::text[],"
      " '{f,t}'::bool[], '{NULL,r}'::text[], '{3}'::bigint[],"
      f" '{{{TOKENS[2]}}}'::uuid[], '{{f}}'::bool[], '{{NULL}}'::text[], '{{}}'::text[],"
-     " '{}'::bigint[]"),
+     " '{}'::bigint[], '{f,f}'::bool[]"),
     ("reconciler: lost wake-ups", RECONCILE.lost_wakeups, (120.0, 60.0), "120, 60"),
     ("reconciler: orphaned claims", RECONCILE.orphaned_claims, (60.0,), "60"),
     ("reconciler: adopt retired", RECONCILE.adopt_retired, (1,), "1"),

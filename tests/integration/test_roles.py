@@ -183,10 +183,13 @@ def test_the_python_producer_apis_work_as_the_producer_role(db_url: str, roles: 
 
 
 def test_core_publish_runs_as_its_owner_with_a_fixed_search_path(db_url: str) -> None:
-    found = query(db_url, "SELECT prosecdef, proconfig FROM pg_proc WHERE oid ="
-                          " 'core.publish(text, jsonb, timestamptz, bigint)'::regprocedure")
-    assert [(r["prosecdef"], r["proconfig"]) for r in found] == [
-        (True, ["search_path=pg_catalog, pg_temp"])]
+    # Every overload (0009_ordering replaced the 4-argument one by a 7-argument one).
+    found = query(db_url, "SELECT p.oid::regprocedure::text AS sig, prosecdef, proconfig"
+                          " FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace"
+                          " WHERE n.nspname = 'core' AND p.proname = 'publish'")
+    assert [(r["sig"], r["prosecdef"], r["proconfig"]) for r in found] == [
+        ("core.publish(text,jsonb,timestamp with time zone,bigint,text,text,text)", True,
+         ["search_path=pg_catalog, pg_temp"])]
 
 
 def test_the_roles_migration_runs_again_in_a_database_of_the_same_cluster(
@@ -201,7 +204,7 @@ def test_the_roles_migration_runs_again_in_a_database_of_the_same_cluster(
 
     current = trio.run(run)
     granted = query(empty_db_url, "SELECT has_function_privilege('spectral_producer',"
-                                  " 'core.publish(text, jsonb, timestamptz, bigint)', 'EXECUTE')")
+                                  " 'core.publish(text, jsonb, timestamptz, bigint, text, text, text)', 'EXECUTE')")
     assert (current, granted[0][0]) == (len(shipped()), True)
 
 

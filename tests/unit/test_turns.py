@@ -421,8 +421,8 @@ def test_outcomes_add_to_a_settlement() -> None:
     Outcome(rows[4], "lost").add_to(batch)
     assert batch.ledger == [("a", 1), ("a", 2)]
     assert batch.ack == [(1, rows[0].token)]
-    assert batch.fail == [(2, rows[1].token, 2.0, "e", False, None),
-                          (3, rows[2].token, 0.0, "e", True, "r")]
+    assert batch.fail == [(2, rows[1].token, 2.0, "e", False, None, False),
+                          (3, rows[2].token, 0.0, "e", True, "r", False)]
     assert batch.release == [(4, rows[3].token, False, "cut")]
     assert len(batch) == 4 and batch.ids() == {1, 2, 3, 4}
 

@@ -11,11 +11,23 @@
 -- handler can have run for it yet. Due rows go in (available_at, id) order from
 -- outbox_due_idx, the one index with that order, so the plan holds whatever the
 -- statistics say.
+-- A keyed row is taken only when it is its key's head: no earlier row of the key, in any
+-- generation, is unfinished or DEAD-and-not-skipped (outbox_key_held_idx), and no row of
+-- the key is claimed. The NOT EXISTS below drops waiting rows cheaply in the statement's
+-- snapshot; core.claim_key_free then takes the key's advisory lock and checks again in a
+-- fresh snapshot, so concurrent claimers never both take rows of one key.
 WITH picked AS (
-    SELECT id FROM core.outbox
-    WHERE generation = $1 AND status = 'PENDING' AND deleted_at IS NULL
-      AND available_at <= now()
-    ORDER BY available_at, id
+    SELECT o.id FROM core.outbox AS o
+    WHERE o.generation = $1 AND o.status = 'PENDING' AND o.deleted_at IS NULL
+      AND o.available_at <= now()
+      AND (o.key IS NULL
+           OR (NOT EXISTS (
+                   SELECT 1 FROM core.outbox AS p
+                   WHERE p.key = o.key AND p.id < o.id AND p.deleted_at IS NULL
+                     AND (p.status IN ('PENDING', 'CLAIMED')
+                          OR (p.status = 'DEAD' AND p.skipped_at IS NULL)))
+               AND core.claim_key_free(o.key, o.id)))
+    ORDER BY o.available_at, o.id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
@@ -26,8 +38,9 @@ SET status = 'CLAIMED', claimed_by = $3, claim_token = gen_random_uuid(),
 FROM picked
 WHERE o.id = picked.id
 RETURNING o.id, o.topic, o.payload::text AS payload, o.generation, o.attempts, o.created_at,
-          o.claim_token,
+          o.claim_token, o.key, o.traceparent,
           extract(epoch FROM clock_timestamp() - o.available_at)::float8 AS wait_seconds,
+          extract(epoch FROM o.created_at)::float8 AS created_epoch,
           CASE WHEN o.claims = 1 THEN '{}'::text[]
                ELSE ARRAY(SELECT h.handler FROM core.event_handled AS h WHERE h.event_id = o.id)
           END AS handled;
@@ -40,7 +53,8 @@ RETURNING o.id, o.topic, o.payload::text AS payload, o.generation, o.attempts, o
 -- 'a' acknowledged, 'f' failed, 'r' released; ids missing had lost their claim.
 -- Acks: $1 ids, $2 tokens.
 -- Failures (charge one attempt; retry after a delay or DEAD with a reason): $3 ids,
---   $4 tokens, $5 delay seconds, $6 last errors, $7 dead flags, $8 dead reasons.
+--   $4 tokens, $5 delay seconds, $6 last errors, $7 dead flags, $8 dead reasons,
+--   $15 skip flags (a DEAD row with its flag set lets its key move on: skipped_at).
 -- Releases (PENDING now; $11 says whether it costs an attempt: a turn cut off by the drain
 --   deadline does not): $9 ids, $10 tokens, $11 charge flags, $12 errors (NULL keeps the
 --   previous one).
@@ -60,9 +74,11 @@ WITH acked AS (
                             ELSE now() + make_interval(secs => f.delay) END,
         last_error = f.error,
         dead_reason = CASE WHEN f.dead THEN f.reason END,
+        skipped_at = CASE WHEN f.dead AND f.skip THEN now() END,
         claim_token = NULL, claim_expires_at = NULL, updated_at = now()
-    FROM unnest($3::bigint[], $4::uuid[], $5::float8[], $6::text[], $7::bool[], $8::text[])
-         AS f(id, token, delay, error, dead, reason)
+    FROM unnest($3::bigint[], $4::uuid[], $5::float8[], $6::text[], $7::bool[], $8::text[],
+                $15::bool[])
+         AS f(id, token, delay, error, dead, reason, skip)
     WHERE o.id = f.id AND o.claim_token = f.token
     RETURNING o.id
 ), released AS (
@@ -132,7 +148,7 @@ RETURNING 1;
 -- Put DEAD rows back to PENDING, due now, with a fresh attempt count. $1 ids.
 UPDATE core.outbox
 SET status = 'PENDING', attempts = 0, available_at = now(), dead_reason = NULL,
-    updated_at = now()
+    skipped_at = NULL, updated_at = now()
 WHERE id = ANY($1::bigint[]) AND status = 'DEAD' AND deleted_at IS NULL
 RETURNING id;
 
@@ -140,7 +156,7 @@ RETURNING id;
 -- Put every DEAD row of topic $1 back to PENDING. Optional $2 moves them to generation $2.
 UPDATE core.outbox
 SET status = 'PENDING', attempts = 0, available_at = now(), dead_reason = NULL,
-    generation = coalesce($2, generation), updated_at = now()
+    skipped_at = NULL, generation = coalesce($2, generation), updated_at = now()
 WHERE topic = $1 AND status = 'DEAD' AND deleted_at IS NULL
 RETURNING id;
 
@@ -156,8 +172,38 @@ ORDER BY generation DESC, status;
 -- One row by id, for operators and tests.
 SELECT id, generation, topic, payload::text AS payload, status, attempts, available_at,
        claimed_by, claim_token, claim_expires_at, last_error, dead_reason, created_at,
-       done_at, deleted_at
+       done_at, deleted_at, key, idempotency_key, traceparent, skipped_at
 FROM core.outbox WHERE id = $1;
+
+-- name: skip_ids
+-- Let the keys of DEAD rows $1 move on: the rows stay DEAD (and can still be requeued)
+-- but no longer hold their key. Returns the ids changed.
+UPDATE core.outbox
+SET skipped_at = now(), updated_at = now()
+WHERE id = ANY($1::bigint[]) AND status = 'DEAD' AND skipped_at IS NULL AND deleted_at IS NULL
+RETURNING id;
+
+-- name: blocked_keys
+-- Keys held by a DEAD row (not skipped): the key, its head event, and how many of the
+-- key's events wait behind it. Up to $1 keys, oldest head first.
+SELECT d.key, d.id AS head_id, d.topic, d.generation, d.dead_reason,
+       (SELECT count(*) FROM core.outbox AS w
+        WHERE w.key = d.key AND w.id > d.id AND w.deleted_at IS NULL
+          AND (w.status IN ('PENDING', 'CLAIMED')
+               OR (w.status = 'DEAD' AND w.skipped_at IS NULL)))::bigint AS waiting
+FROM core.outbox AS d
+WHERE d.key IS NOT NULL AND d.status = 'DEAD' AND d.skipped_at IS NULL AND d.deleted_at IS NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM core.outbox AS e
+      WHERE e.key = d.key AND e.id < d.id AND e.deleted_at IS NULL
+        AND (e.status IN ('PENDING', 'CLAIMED') OR (e.status = 'DEAD' AND e.skipped_at IS NULL)))
+ORDER BY d.id
+LIMIT $1;
+
+-- name: blocked_key_count
+-- How many keys a DEAD row (not skipped) holds.
+SELECT count(DISTINCT key)::bigint FROM core.outbox
+WHERE key IS NOT NULL AND status = 'DEAD' AND skipped_at IS NULL AND deleted_at IS NULL;
 
 -- name: requeue_retired
 -- Move the PENDING rows of retired generation $1 into generation $2 (rows kept by the
@@ -168,3 +214,18 @@ FROM core.deployments AS d
 WHERE d.generation = o.generation AND d.generation = $1 AND d.retired_at IS NOT NULL
   AND o.status = 'PENDING' AND o.deleted_at IS NULL
 RETURNING o.id;
+
+-- name: oldest_due
+-- For each generation with rows in service, how long its oldest due PENDING event has
+-- waited (seconds; 0 when none is due). One index probe per generation (outbox_due_idx).
+SELECT d.generation,
+       coalesce(extract(epoch FROM now() - (
+           SELECT o.available_at FROM core.outbox AS o
+           WHERE o.generation = d.generation AND o.status = 'PENDING' AND o.deleted_at IS NULL
+             AND o.available_at <= now()
+           ORDER BY o.available_at LIMIT 1)), 0)::float8 AS age
+FROM core.deployments AS d
+WHERE d.retired_at IS NULL OR EXISTS (
+    SELECT 1 FROM core.outbox AS r
+    WHERE r.generation = d.generation AND r.status = 'PENDING' AND r.deleted_at IS NULL)
+ORDER BY d.generation;
