@@ -203,8 +203,8 @@ def test_the_roles_migration_runs_again_in_a_database_of_the_same_cluster(
             return (await migrate(empty_db_url, None)).current
 
     current = trio.run(run)
-    granted = query(empty_db_url, "SELECT has_function_privilege('spectral_producer',"
-                                  " 'core.publish(text, jsonb, timestamptz, bigint, text, text, text)', 'EXECUTE')")
+    granted = query(empty_db_url, "SELECT has_function_privilege('spectral_producer', 'core.publish("
+                                  "text, jsonb, timestamptz, bigint, text, text, text)', 'EXECUTE')")
     assert (current, granted[0][0]) == (len(shipped()), True)
 
 
