@@ -16,6 +16,8 @@ fx.poison.raise    raises RuntimeError
 fx.poison.exit     calls sys.exit(3)
 fx.poison.slow     sleeps past SPECTRAL_HANDLER_MAX
 fx.poison.group    raises an exception group mixing an error with a cancellation
+fx.canary          a broken handler for the checker's own test: it writes its effect row
+                   on a connection of its own, outside the turn's transaction, then sleeps
 =================  ======================================================================
 
 Payload keys the transactional handlers obey (all optional): ``m`` a marker stored with
@@ -26,11 +28,13 @@ blocking ``time.sleep``; ``stubborn`` seconds of a sleep shielded from cancellat
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import trio
 
 import spectral
@@ -55,6 +59,7 @@ TOPICS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "fx.poison.exit": ((), ()),
     "fx.poison.slow": ((), ()),
     "fx.poison.group": ((), ()),
+    "fx.canary": (("fx.canary",), ()),
 }
 POISON_ATTEMPTS = 2
 
@@ -135,3 +140,23 @@ async def poison_slow(event: spectral.Event, tx: spectral.Tx) -> None:
 async def poison_group(event: spectral.Event, tx: spectral.Tx) -> None:
     raise BaseExceptionGroup("poison group", [ValueError(f"poison event {event.id}"),
                                               trio.Cancelled._create()])
+
+
+def _insert_outside_the_turn(event_id: int, attempt: int) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(os.environ["SPECTRAL_DATABASE_URL"], timeout=10)
+        try:
+            await conn.execute(
+                "INSERT INTO fx_effects (handler, event_id, marker, attempt, pid) VALUES ($1, $2, NULL, $3, $4)",
+                "fx.canary", event_id, attempt, os.getpid())
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@app.handler("fx.canary", name="fx.canary")
+async def canary(event: spectral.Event, tx: spectral.Tx) -> None:
+    # The mistake the ledger cannot undo: a database write that is not in ``tx``.
+    await trio.to_thread.run_sync(_insert_outside_the_turn, event.id, event.attempt)
+    await trio.sleep(float(event.payload.get("sleep") or 0))
