@@ -28,6 +28,14 @@ TOPIC_RE = re.compile(TOPIC_PATTERN.removesuffix("$") + r"\Z")
 
 ENVIRONMENTS = ("development", "test", "staging", "production")
 
+#: The claim-safety rule (docs/explanation/adr/0002): a claim is taken from a worker only
+#: when that worker can no longer be running it. The reaper takes claims whose TTL lapsed
+#: (the TTL exceeds HANDLER_MAX + DRAIN_TIMEOUT + HEARTBEAT_INTERVAL, checked at start);
+#: the reconciler takes the claims of a worker that exited, or wrote no heartbeat for
+#: STALE_BEATS of its own intervals, while the worker fences itself after FENCE_BEATS.
+STALE_BEATS = 2.0
+FENCE_BEATS = 1.5
+
 
 def _positive_int(raw: str) -> int:
     value = int(raw)
@@ -36,10 +44,18 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+#: Longest duration a setting may hold, in seconds (about 31 years). Every duration ends
+#: up in database time arithmetic (``now() + make_interval(secs => ...)``); far larger
+#: values overflow PostgreSQL's timestamps and would fail every statement that uses them.
+MAX_SECONDS = 1_000_000_000.0
+
+
 def _seconds(raw: str) -> float:
     value = float(raw)
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError("must be a positive number of seconds")
+    if value > MAX_SECONDS:
+        raise ValueError(f"must be at most {MAX_SECONDS:.0f} seconds")
     return value
 
 
@@ -290,8 +306,15 @@ class Settings:
 
     @property
     def heartbeat_stale_after(self) -> float:
-        """Seconds without a heartbeat after which a worker counts as stale (2 beats)."""
-        return 2 * self.heartbeat_interval
+        """Seconds without a heartbeat after which a worker counts as stale (2 beats): the
+        reconciler then releases its claims."""
+        return STALE_BEATS * self.heartbeat_interval
+
+    @property
+    def fence_after(self) -> float:
+        """Seconds without a heartbeat written after which a worker fences itself: it
+        stops claiming and cancels its turns, before the reconciler may take them."""
+        return FENCE_BEATS * self.heartbeat_interval
 
     @classmethod
     def fields(cls) -> tuple[dataclasses.Field[Any], ...]:

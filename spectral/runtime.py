@@ -221,7 +221,7 @@ async def run_workers(
     claimer = Claimer(
         store, state, turns, concurrency=settings.concurrency, batch_size=settings.batch_size,
         claim_ttl=settings.claim_ttl, poll_interval=settings.poll_interval,
-        reconnect_budget=settings.reconnect_budget,
+        reconnect_budget=settings.reconnect_budget, fence_after=settings.fence_after,
     )
     async with trio.open_nursery() as background:
         await background.start(

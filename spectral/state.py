@@ -54,6 +54,7 @@ class RuntimeState:
     turn_observer: Callable[[float, float], None] | None = None  # (turn s, due-to-done s)
     stopped: trio.Event = field(default_factory=trio.Event)  # workers done; HTTP may stop
     last_beat: float | None = None  # time.monotonic() of the last heartbeat written
+    lease_renewed: float | None = None  # trio.current_time() of the last row write
     last_reap: float | None = None  # time.monotonic() of the reaper's last pass
     reconcile: dict[str, Any] | None = None  # the reconciler's settings and last pass
     _wake: trio.Event = field(default_factory=trio.Event)
@@ -105,6 +106,18 @@ class RuntimeState:
         with trio.move_on_after(seconds):
             await self._health_changed.wait()
         self._health_changed = trio.Event()
+
+    # --- the worker's lease ------------------------------------------------------------
+
+    def renew_lease(self) -> None:
+        """The heartbeat wrote the worker row: its claims are safe from the reconciler."""
+        self.lease_renewed = trio.current_time()
+
+    def lease_age(self) -> float | None:
+        """Seconds since the worker row was last written (None before the first write)."""
+        if self.lease_renewed is None:
+            return None
+        return trio.current_time() - self.lease_renewed
 
     # --- drain ----------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ own ledger row, so a retried row never re-runs a handler that already succeeded.
 
 from __future__ import annotations
 
+import enum
 import logging
 import random
 import time
@@ -19,8 +20,8 @@ import trio
 
 from .actors._backoff import backoff_delay
 from .app import App, HandlerSpec
-from .db import ClaimedRow, Settlement, TurnTx
-from .errors import AlreadyHandledError, ClaimLostError
+from .db import Ack, ClaimedRow, Fail, Handled, Release, Settlement, TurnTx
+from .errors import AlreadyHandledError
 from .events import Event
 from .state import InFlight, RuntimeState
 from .tx import Tx
@@ -51,28 +52,71 @@ class RetryPolicy:
         return min((h.max_attempts or self.max_attempts) for h in handlers)
 
 
+class OutcomeKind(enum.StrEnum):
+    """What a turn decided for its row."""
+
+    ACK = "ack"  # every pending handler succeeded: DONE
+    FAIL = "fail"  # a handler failed: one attempt charged, retry later or DEAD
+    RELEASE = "release"  # the turn was cut off by the worker (drain, shutdown, fence)
+    LOST = "lost"  # the claim was gone: nothing to write
+
+
 @dataclass
 class Outcome:
     """What a turn decided for its row; the claimer's settler writes it in a batch."""
 
     row: ClaimedRow
-    kind: str  # "ack", "fail", "release" or "lost"
-    ledger: list[tuple[str, int]] = field(default_factory=list)
+    kind: OutcomeKind
+    ledger: list[Handled] = field(default_factory=list)
     error: str | None = None
     dead: bool = False
     reason: str | None = None
     delay: float = 0.0
     charge: bool = False
 
+    def __post_init__(self) -> None:
+        self.kind = OutcomeKind(self.kind)
+
     def add_to(self, batch: Settlement) -> None:
-        batch.ledger.extend(self.ledger)
         r = self.row
-        if self.kind == "ack":
-            batch.ack.append((r.id, r.token))
-        elif self.kind == "fail":
-            batch.fail.append((r.id, r.token, self.delay, self.error or "", self.dead, self.reason))
-        elif self.kind == "release":
-            batch.release.append((r.id, r.token, self.charge, self.error))
+        if self.kind is OutcomeKind.LOST:
+            return  # the claim is gone: neither the row nor the ledger is ours to write
+        batch.ledger.extend(self.ledger)
+        if self.kind is OutcomeKind.ACK:
+            batch.ack.append(Ack(r.id, r.token))
+        elif self.kind is OutcomeKind.FAIL:
+            batch.fail.append(Fail(r.id, r.token, self.delay, self.error or "", self.dead, self.reason))
+        else:
+            batch.release.append(Release(r.id, r.token, self.charge, self.error))
+
+
+@dataclass
+class TurnProgress:
+    """What a running turn has done so far; the claimer keeps it to settle a turn that
+    was cut off (its successful handlers' ledger rows, its failures)."""
+
+    ledger: list[Handled] = field(default_factory=list)
+    failures: list[tuple[HandlerSpec | None, str]] = field(default_factory=list)  # None: Spectral's own
+
+
+class _Result(enum.Enum):
+    OK = "ok"
+    LOST = "lost"
+    FAILED = "failed"
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is trio's cancellation alone (also nested in exception groups).
+
+    Only this unwinds a turn as cancelled. Anything else a handler raises — an Exception,
+    ``SystemExit`` (``sys.exit()``), ``KeyboardInterrupt``, ``GeneratorExit``, or a group
+    that mixes errors with cancellation — is the handler's failure.
+    """
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_cancellation(e) for e in exc.exceptions)
+    return False
 
 
 def describe(exc: BaseException) -> str:
@@ -80,10 +124,23 @@ def describe(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)[-3:]
     where = " <- ".join(f"{f.name} ({f.filename.rsplit('/', 1)[-1]}:{f.lineno})" for f in reversed(frames))
     # PostgreSQL text cannot hold NUL: one in a message would fail the whole settle batch.
-    text = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, BaseExceptionGroup):
+        # The group's own message says little: name what it holds.
+        text += " [" + "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc)[:5]) + "]"
+    text = text.replace("\x00", "\\x00")
+    # Nor a lone surrogate, which cannot be encoded as UTF-8.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     if where:
         text = f"{text} at {where}"
     return text[:MAX_ERROR_LENGTH]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 class TurnRunner:
@@ -106,47 +163,56 @@ class TurnRunner:
                                    "generation": row.generation, "event_id": row.id,
                                    "topic": row.topic, **extra})
 
-    async def run(self, row: ClaimedRow) -> Outcome:
+    async def run(self, row: ClaimedRow, progress: TurnProgress | None = None) -> Outcome:
         """Run the row's pending handlers and decide its outcome.
 
-        Cancellation: a cancellation from outside (the drain deadline, or shutdown) rolls
-        back the open transaction and propagates; the claimer then releases the row
-        without charging an attempt.
+        Args:
+            row: the claimed row.
+            progress: filled as handlers finish, so a turn cut off from outside can still
+                be settled by :meth:`interrupted`.
+
+        Cancellation: a cancellation from outside (the drain deadline, shutdown, or the
+        worker's fence) rolls back the open transaction and propagates; the claimer then
+        settles the row with :meth:`interrupted`.
+
+        Error handling: whatever a handler raises, short of cancellation, fails the
+        handler (one attempt charged); it never escapes the turn.
         """
+        progress = TurnProgress() if progress is None else progress
         handlers = self._app.handlers_for(row.topic)
         if not handlers:
             reason = f"no handler for topic {row.topic!r} in generation {row.generation}"
             self._log(logging.WARNING, "dead: no handler", row)
-            return Outcome(row, "fail", error=reason, dead=True, reason="no handler")
+            return Outcome(row, OutcomeKind.FAIL, error=reason, dead=True, reason="no handler")
         pending = [h for h in handlers if h.name not in row.handled]
         if not pending:
-            return Outcome(row, "ack")
+            return Outcome(row, OutcomeKind.ACK)
         attempt = row.attempts + 1
         limit = self._policy.limit(pending)
         if attempt > limit:
             # Reaped again and again: the turn kills its worker or outlives its claim.
             reason = f"exceeded {limit} attempts"
             self._log(logging.WARNING, "dead: attempts exhausted before running", row)
-            return Outcome(row, "fail", error=f"{reason}; previous runs never acknowledged",
+            return Outcome(row, OutcomeKind.FAIL,
+                           error=f"{reason}; previous runs never acknowledged",
                            dead=True, reason=reason)
         event = Event(row.id, row.topic, row.payload, row.generation, attempt, row.created_at,
                       row.handled)
-        ledger: list[tuple[str, int]] = []
         succeeded: set[str] = set()
-        failures: list[tuple[HandlerSpec, str]] = []
+        failures = progress.failures
         with trio.CancelScope(deadline=trio.current_time() + self._handler_max) as turn_scope:
             for spec in pending:
-                failure = await self._run_handler(spec, event, row, ledger)
-                if failure == "lost":
+                result, message = await self._run_handler(spec, event, row, progress.ledger)
+                if result is _Result.LOST:
                     self._log(logging.WARNING, "claim lost during the turn; nothing applied",
                               row, handler=spec.name)
-                    return Outcome(row, "lost", ledger=ledger)
-                if failure is None:
+                    return Outcome(row, OutcomeKind.LOST)
+                if result is _Result.OK:
                     succeeded.add(spec.name)
                 else:
-                    failures.append((spec, failure))
+                    failures.append((spec, message))
         if turn_scope.cancelled_caught:
-            failed = {f[0].name for f in failures}
+            failed = {f[0].name for f in failures if f[0] is not None}
             for spec in pending:
                 if spec.name not in succeeded and spec.name not in failed:
                     failures.append(
@@ -154,65 +220,103 @@ class TurnRunner:
                     )
         if not failures:
             self._log(logging.DEBUG, "ack", row)
-            return Outcome(row, "ack", ledger=ledger)
-        failed_specs = [f[0] for f in failures]
+            return Outcome(row, OutcomeKind.ACK, ledger=progress.ledger)
+        return self._failed(row, failures, progress.ledger)
+
+    def interrupted(self, row: ClaimedRow, progress: TurnProgress, why: str) -> Outcome:
+        """The outcome of a turn cut off from outside (``why``): a release that costs no
+        attempt and keeps the ledger rows of the handlers that succeeded, unless a handler
+        had already failed, which is charged as usual."""
+        if progress.failures:
+            return self._failed(row, progress.failures, progress.ledger)
+        return Outcome(row, OutcomeKind.RELEASE, ledger=progress.ledger, error=why)
+
+    def crashed(self, row: ClaimedRow, progress: TurnProgress, exc: BaseException) -> Outcome:
+        """The outcome of a turn that raised out of Spectral's own code (a bug): charged,
+        so a row that triggers it ends DEAD instead of crash-looping its workers."""
+        failures = [*progress.failures,
+                    (None, f"turn failed inside Spectral: {describe(exc)}")]
+        return self._failed(row, failures, progress.ledger)
+
+    def _failed(
+        self, row: ClaimedRow, failures: list[tuple[HandlerSpec | None, str]],
+        ledger: list[Handled],
+    ) -> Outcome:
+        attempt = row.attempts + 1
         error = "; ".join(f[1] for f in failures)[:MAX_ERROR_LENGTH]
-        failed_limit = self._policy.limit(failed_specs)
+        specs = [f[0] for f in failures if f[0] is not None]
+        failed_limit = self._policy.limit(specs) if specs else self._policy.max_attempts
         if attempt >= failed_limit:
             reason = f"failed {attempt} of {failed_limit} attempts"
             self._log(logging.WARNING, "dead", row, attempt=attempt, error=error)
-            return Outcome(row, "fail", ledger=ledger, error=error, dead=True, reason=reason)
+            return Outcome(row, OutcomeKind.FAIL, ledger=ledger, error=error, dead=True,
+                           reason=reason)
         delay = self._policy.delay(attempt, self._rng)
         self._log(logging.INFO, "retry", row, attempt=attempt, delay=round(delay, 3), error=error)
-        return Outcome(row, "fail", ledger=ledger, error=error, delay=delay)
+        return Outcome(row, OutcomeKind.FAIL, ledger=ledger, error=error, delay=delay)
 
     async def _run_handler(
-        self, spec: HandlerSpec, event: Event, row: ClaimedRow, ledger: list[tuple[str, int]]
-    ) -> str | None:
-        """Run one handler; returns None on success, 'lost', or a failure description.
+        self, spec: HandlerSpec, event: Event, row: ClaimedRow, ledger: list[Handled]
+    ) -> tuple[_Result, str]:
+        """Run one handler; returns OK, LOST, or FAILED with a description.
 
         Successful handlers that opened no transaction are appended to ``ledger`` (their
-        ledger rows are written with the acknowledgement).
+        ledger rows are written with the row's settlement, fenced by its claim token).
+        What the transaction went through decides, not what the handler did with the
+        exceptions it saw: a swallowed failed statement still fails the handler, a
+        swallowed lost claim is still lost.
         """
         turn = await self._store.open_turn(row.id, row.token, spec.name)
         tx = Tx(turn, self._state.generation, self._max_payload_bytes)
         key = (row.id, spec.name)
         self._state.in_flight[key] = InFlight(row.id, row.topic, spec.name, time.monotonic())
         try:
-            if spec.timeout is None:
-                # The turn's scope already bounds the handler at HANDLER_MAX; a second
-                # deadline scope per turn would cost CPU and change nothing.
-                await spec.fn(event, tx)
-                timed_out = False
-            else:
-                with trio.move_on_after(spec.timeout) as handler_scope:
+            try:
+                if spec.timeout is None:
+                    # The turn's scope already bounds the handler at HANDLER_MAX; a second
+                    # deadline scope per turn would cost CPU and change nothing.
                     await spec.fn(event, tx)
-                timed_out = handler_scope.cancelled_caught
+                    timed_out = False
+                else:
+                    with trio.move_on_after(spec.timeout) as handler_scope:
+                        await spec.fn(event, tx)
+                    timed_out = handler_scope.cancelled_caught
+            except BaseException as exc:
+                await self._rollback(turn, row, spec)
+                if is_cancellation(exc):
+                    raise
+                if turn.lost:
+                    return _Result.LOST, ""
+                if isinstance(exc, AlreadyHandledError):
+                    return _Result.OK, ""  # the ledger has it (or the handler says so)
+                if not isinstance(exc, Exception):
+                    self._log(logging.WARNING, f"handler raised {type(exc).__name__}: failing it",
+                              row, handler=spec.name)
+                return _Result.FAILED, f"{spec.name}: {describe(exc)}"
+            if turn.lost:
+                await self._rollback(turn, row, spec)
+                return _Result.LOST, ""
+            if turn.already_handled:
+                return _Result.OK, ""
+            if turn.failure is not None:
+                await self._rollback(turn, row, spec)
+                return _Result.FAILED, (
+                    f"{spec.name}: returned after its transaction failed ({turn.failure}); "
+                    "its writes were rolled back"
+                )[:MAX_ERROR_LENGTH]
             if timed_out:
                 await self._rollback(turn, row, spec)
-                return f"{spec.name}: timed out after {spec.timeout:g}s"
+                return _Result.FAILED, f"{spec.name}: timed out after {spec.timeout:g}s"
             if turn.opened:
-                await turn.commit()
+                try:
+                    await turn.commit()
+                except Exception as exc:
+                    return _Result.FAILED, f"{spec.name}: commit failed: {describe(exc)}"
             else:
-                ledger.append((spec.name, row.id))
-            return None
-        except AlreadyHandledError:
-            await self._rollback(turn, row, spec)
-            return None
-        except ClaimLostError:
-            await self._rollback(turn, row, spec)
-            return "lost"
-        except Exception as exc:
-            await self._rollback(turn, row, spec)
-            return f"{spec.name}: {describe(exc)}"
-        except BaseException:
-            # Cancellation, also when it arrives wrapped in an exception group (a handler
-            # with a nursery): roll back, then let it propagate.
-            await self._rollback(turn, row, spec)
-            raise
+                ledger.append(Handled(spec.name, row.id))
+            return _Result.OK, ""
         finally:
             self._state.in_flight.pop(key, None)
-
     async def _rollback(self, turn: TurnTx, row: ClaimedRow, spec: HandlerSpec) -> None:
         """Roll back, best effort: when the rollback itself fails the connection is broken
         and the driver discards it, so the server aborts the transaction anyway. Raising

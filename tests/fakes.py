@@ -88,6 +88,7 @@ class OutboxRow:
     available_at: float  # trio time
     status: str = "PENDING"  # PENDING, CLAIMED, DONE or DEAD
     attempts: int = 0
+    claims: int = 0  # times claimed; the ledger is read on every claim but the first
     claimed_by: str | None = None
     claim_token: uuid.UUID | None = None
     claim_expires_at: float | None = None  # trio time
@@ -165,6 +166,9 @@ class FakeTurnTx(TurnTx):
         self.rollback_calls = 0
         self._open = False
         self._finished = False
+        self.lost = False
+        self.already_handled = False
+        self.failure: str | None = None
 
     @property
     def opened(self) -> bool:
@@ -176,22 +180,37 @@ class FakeTurnTx(TurnTx):
         return self._finished
 
     async def query(self, mode: str, sql: str, args: Sequence[Any]) -> Any:
+        if self.failure is not None:
+            raise DatabaseError(f"this turn's transaction was aborted ({self.failure})")
         if self._finished:
             raise DatabaseError("this turn's transaction is finished; it cannot be used again")
-        await self.store._call("query", self.event_id, self.handler, mode, sql, tuple(args))
+        try:
+            await self.store._call("query", self.event_id, self.handler, mode, sql, tuple(args))
+        except DatabaseError as exc:
+            self.failure = str(exc)
+            raise
         if not self._open:
             row = self.store.rows.get(self.event_id)
             if row is None or row.status != "CLAIMED" or row.claim_token != self.token:
                 self._finished = True
+                self.lost = True
                 raise ClaimLostError(f"event {self.event_id}: claim lost before the turn began")
             if (self.handler, self.event_id) in self.store.handled:
                 self._finished = True
+                self.already_handled = True
                 raise AlreadyHandledError(
                     f"handler {self.handler} already handled event {self.event_id}"
                 )
-            self._open = True
+        try:
+            result = self.store.responder(mode, sql, args)
+        except DatabaseError as exc:
+            # Like PostgreSQL: a failed statement aborts the transaction (the first one
+            # included: then nothing is open).
+            self.failure = str(exc)
+            raise
+        self._open = True
         self.statements.append((mode, sql, tuple(args)))
-        return self.store.responder(mode, sql, args)
+        return result
 
     async def publish(
         self, topic: str, payload_json: str, available_at: datetime | None,
@@ -205,6 +224,9 @@ class FakeTurnTx(TurnTx):
         return row.id
 
     async def commit(self) -> None:
+        if self.failure is not None:
+            await self.rollback()
+            raise DatabaseError(f"the handler's transaction was aborted ({self.failure})")
         if not self._open or self._finished:
             return
         self._finished = True
@@ -260,7 +282,7 @@ class FakeConnection:
 
     async def register_worker(self, *args: Any) -> None:
         await self._use("register_worker", *args)
-        worker_id, generation, environment, service, hostname, pid, state = args
+        worker_id, generation, environment, service, hostname, pid, state, _interval = args
         now = _now()
         row = self.store.workers.get(worker_id)
         if row is None:
@@ -346,6 +368,8 @@ class FakeStore:
         row = self._new_row(topic, payload or {}, None, generation)
         row.available_at += delay
         row.attempts = attempts
+        # A row with attempts or ledger rows was claimed before (the SQL's claims column).
+        row.claims = 1 if attempts or handled else 0
         self.rows[row.id] = row
         self.handled.update((name, row.id) for name in handled)
         if notify:
@@ -438,17 +462,20 @@ class FakeStore:
     ) -> list[ClaimedRow]:
         await self._call("claim", generation, limit, worker_id, ttl)
         now = _now()
-        due = [r for r in sorted(self.rows.values(), key=lambda r: r.id)
+        due = [r for r in sorted(self.rows.values(), key=lambda r: (r.available_at, r.id))
                if r.generation == generation and r.status == "PENDING" and r.available_at <= now]
         claimed = []
         for row in due[:limit]:
             row.status, row.claimed_by = "CLAIMED", worker_id
             row.claim_token, row.claim_expires_at = uuid.uuid4(), now + ttl
+            row.claims += 1
+            # As the SQL: the ledger is read for every row claimed before.
+            handled = (frozenset() if row.claims == 1
+                       else frozenset(h for h, e in self.handled if e == row.id))
             claimed.append(ClaimedRow(
                 id=row.id, topic=row.topic, payload=dict(row.payload), generation=row.generation,
                 attempts=row.attempts, created_at=row.created_at, token=row.claim_token,
-                wait_seconds=now - row.available_at,
-                handled=frozenset(h for h, e in self.handled if e == row.id),
+                wait_seconds=now - row.available_at, handled=handled,
             ))
         return claimed
 
@@ -458,7 +485,6 @@ class FakeStore:
             Settlement(list(batch.ledger), list(batch.ack), list(batch.fail), list(batch.release))
         )
         now = _now()
-        self.handled.update(batch.ledger)
         acked: set[int] = set()
         failed: set[int] = set()
         released: set[int] = set()
@@ -483,6 +509,9 @@ class FakeStore:
                 if release_error is not None:
                     row.last_error = release_error
                 released.add(event_id)
+        # As the SQL: ledger rows land only for rows whose fenced change matched.
+        matched = acked | failed | released
+        self.handled.update((h, e) for h, e in batch.ledger if e in matched)
         return Settled(acked, failed, released)
 
     async def reap(self, limit: int) -> list[tuple[int, int, str | None]]:

@@ -14,10 +14,17 @@ from typing import Protocol
 import trio
 import trio.lowlevel
 
-from ..db import ClaimedRow, Settled, Settlement
+from ..db import ClaimedRow, Release, Settled, Settlement
 from ..errors import DatabaseError, DatabaseUnavailableError
 from ..state import RuntimeState
-from ..turns import Outcome, TurnRunner
+from ..turns import (
+    MAX_ERROR_LENGTH,
+    Outcome,
+    OutcomeKind,
+    TurnProgress,
+    TurnRunner,
+    is_cancellation,
+)
 from ._backoff import Reconnector
 
 log = logging.getLogger("spectral.claimer")
@@ -26,6 +33,8 @@ log = logging.getLogger("spectral.claimer")
 FLUSH_TIMEOUT = 4.0
 #: Seconds the last acknowledgements may take while draining (below WATCHDOG_GRACE, 5 s).
 SETTLE_AT_DRAIN_TIMEOUT = 4.0
+#: Longest pause between two checks of the worker's lease, in seconds.
+FENCE_CHECK_INTERVAL = 1.0
 
 
 class ClaimerStore(Protocol):
@@ -42,12 +51,19 @@ class Claimer:
     Drain: once ``state.draining`` is set it claims nothing more, lets running turns finish
     until ``state.drain_deadline``, cancels what still runs then (each such turn rolls back
     and releases its row without charging an attempt), settles every outcome and returns.
+
+    Fence: when the worker row has not been written for ``fence_after`` seconds (the
+    heartbeat is stuck or the database unreachable), the reconciler of another worker may
+    soon count this one as gone and release its claims. Before that can happen the
+    claimer stops claiming and cancels its running turns (their rows are released without
+    an attempt charged when the database takes the write, else the reaper or reconciler
+    recovers them); it claims again once the heartbeat is back.
     """
 
     def __init__(
         self, store: ClaimerStore, state: RuntimeState, turns: TurnRunner, *,
         concurrency: int, batch_size: int, claim_ttl: float, poll_interval: float,
-        reconnect_budget: float,
+        reconnect_budget: float, fence_after: float = math.inf,
     ) -> None:
         self._store = store
         self._state = state
@@ -66,6 +82,9 @@ class Claimer:
         # bounded when the database acknowledges slower than handlers finish.
         self._unsettled = 0
         self._capacity = trio.Event()
+        self._fence_after = fence_after
+        self._fenced = False
+        self._turn_scopes: set[trio.CancelScope] = set()
 
     @property
     def running(self) -> int:
@@ -78,7 +97,7 @@ class Claimer:
         """Claim one batch for the free slots and start its turns; returns rows claimed."""
         assert self._turn_nursery is not None, "run_once needs run() to provide a nursery"
         free = self._free()
-        if free <= 0 or self._state.draining.is_set():
+        if free <= 0 or self._state.draining.is_set() or self._fenced:
             return 0
         limit = min(self._batch_size, free)
         rows = await self._store.claim(
@@ -95,34 +114,78 @@ class Claimer:
 
     async def _turn(self, row: ClaimedRow) -> None:
         started = trio.current_time()
+        progress = TurnProgress()
+        scope = trio.CancelScope()
+        self._turn_scopes.add(scope)
+        outcome: Outcome | None = None
         try:
-            outcome = await self._turns.run(row)
-        except BaseException:
-            # The drain deadline (or shutdown) cut this turn off (a Cancelled, possibly in
-            # an exception group): give the row back now.
-            try:
-                self._send.send_nowait(
-                    Outcome(row, "release", error="cancelled at the drain deadline")
-                )
-                self._unsettled += 1
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                # The settler's bounded flush is over: the reaper recovers the row.
-                log.warning("turn cancelled; its row is left to the reaper",
-                            extra={"worker_id": self._state.worker_id, "event_id": row.id})
-                raise
-            log.warning("turn cancelled at the drain deadline; row released",
-                        extra={"worker_id": self._state.worker_id, "event_id": row.id})
-            raise
+            with scope:
+                try:
+                    outcome = await self._turns.run(row, progress)
+                except BaseException as exc:
+                    if not is_cancellation(exc):
+                        # A bug in Spectral's turn code: charge the row (it ends DEAD rather
+                        # than crash-looping every worker) and keep serving.
+                        log.exception("turn failed inside Spectral", extra={
+                            "worker_id": self._state.worker_id, "event_id": row.id})
+                        outcome = self._turns.crashed(row, progress, exc)
+                    else:
+                        # Cut off from outside: the drain deadline, shutdown, or the fence.
+                        why = ("released: the worker lost its heartbeat" if self._fenced
+                               else "cancelled at the drain deadline")
+                        self._hand_back(self._turns.interrupted(row, progress, why))
+                        raise
         finally:
+            self._turn_scopes.discard(scope)
             self._slots.release()
             self._capacity.set()
-        if outcome.kind == "lost":
+        if outcome is None:
+            return  # fenced: handed back above
+        if outcome.kind is OutcomeKind.LOST:
             self._state.counters.lost_claims += 1
         self._send.send_nowait(outcome)
         self._unsettled += 1
         if self._state.turn_observer is not None:
             duration = trio.current_time() - started
             self._state.turn_observer(duration, row.wait_seconds + duration)
+
+    def _hand_back(self, outcome: Outcome) -> None:
+        """Give a cut-off turn's row back through the settler."""
+        row = outcome.row
+        try:
+            self._send.send_nowait(outcome)
+            self._unsettled += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The settler's bounded flush is over: the reaper recovers the row.
+            log.warning("turn cancelled; its row is left to the reaper",
+                        extra={"worker_id": self._state.worker_id, "event_id": row.id})
+            return
+        log.warning("turn cut off (%s); row handed back", outcome.error or outcome.kind,
+                    extra={"worker_id": self._state.worker_id, "event_id": row.id})
+
+    async def _fence(self, scope: trio.CancelScope) -> None:
+        """Stop claiming and cancel the running turns while the lease is too old."""
+        with scope:
+            await self._watch_lease()
+
+    async def _watch_lease(self) -> None:
+        check = min(FENCE_CHECK_INTERVAL, self._fence_after / 10)
+        while True:
+            await trio.sleep(check)
+            age = self._state.lease_age()
+            if age is not None and age > self._fence_after:
+                if not self._fenced:
+                    self._fenced = True
+                    log.error("no heartbeat written for %.1fs: fencing this worker (claiming "
+                              "paused, %d turns cancelled)", age, len(self._turn_scopes),
+                              extra={"worker_id": self._state.worker_id})
+                for scope in list(self._turn_scopes):
+                    scope.cancel()
+            elif self._fenced:
+                self._fenced = False
+                log.info("heartbeat written again: claiming resumes",
+                         extra={"worker_id": self._state.worker_id})
+                self._state.wake()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Claim and run turns until the drain, then finish and return.
@@ -140,6 +203,9 @@ class Claimer:
         """
         async with trio.open_nursery() as outer:
             outer.start_soon(self._settler)
+            fence = trio.CancelScope()
+            if self._fence_after != math.inf:
+                outer.start_soon(self._fence, fence)
             try:
                 async with trio.open_nursery() as turns:
                     self._turn_nursery = turns
@@ -147,6 +213,7 @@ class Claimer:
                     task_status.started()
                     await self._claim_loop()
             finally:
+                fence.cancel()
                 self._send.close()
 
     async def _drain_deadline(self, scope: trio.CancelScope) -> None:
@@ -158,6 +225,9 @@ class Claimer:
 
     async def _claim_loop(self) -> None:
         while not self._state.draining.is_set():
+            if self._fenced:
+                await self._state.wait_for_work(self._poll_interval)
+                continue
             if self._free() <= 0:
                 await self._wait_for_capacity()
                 continue
@@ -231,7 +301,7 @@ class Claimer:
             self._capacity.set()
 
     async def _write(self, batch: Settlement, outcomes: list[Outcome]) -> None:
-        if not len(batch) and not batch.ledger:
+        if not len(batch):
             return
         draining = self._state.draining.is_set()
         # While draining, the last acknowledgements are shielded from the drain deadline
@@ -241,19 +311,14 @@ class Claimer:
                 # Below the drain watchdog's grace, so a slow database is not mistaken
                 # for a turn stuck in blocking code.
                 scope.deadline = trio.current_time() + SETTLE_AT_DRAIN_TIMEOUT
-            while True:
-                try:
-                    settled = await self._store.settle(batch)
-                    self._reconnect_settle.succeeded()
-                    break
-                except DatabaseUnavailableError as exc:
-                    await self._reconnect_settle.failed(exc)
-                except DatabaseError as exc:
-                    # Not a lost connection: retrying the same batch would fail the same way.
-                    # Its rows stay CLAIMED; the reaper or the reconciler recovers them.
-                    log.error("could not settle %d outcomes: %s", len(batch), exc,
-                              extra={"worker_id": self._state.worker_id})
-                    return
+            try:
+                settled = await self._settle_retrying(batch)
+            except DatabaseError as exc:
+                # Not a lost connection: the database refused a value of the batch. Settle
+                # the outcomes one by one so the refused one cannot hold back the others.
+                log.error("could not settle %d outcomes (%s): settling them one by one",
+                          len(batch), exc, extra={"worker_id": self._state.worker_id})
+                settled = await self._settle_each(batch)
         if scope.cancelled_caught:
             log.error("could not acknowledge %d rows before exiting; the reaper will recover them",
                       len(batch), extra={"worker_id": self._state.worker_id})
@@ -262,7 +327,7 @@ class Claimer:
         c.acked += len(settled.acked)
         c.released += len(settled.released)
         for outcome in outcomes:
-            if outcome.kind == "fail" and outcome.row.id in settled.failed:
+            if outcome.kind is OutcomeKind.FAIL and outcome.row.id in settled.failed:
                 if outcome.dead:
                     c.dead += 1
                 else:
@@ -272,3 +337,46 @@ class Claimer:
         for event_id in sorted(lost):
             log.warning("late acknowledgement ignored: the claim was lost",
                         extra={"worker_id": self._state.worker_id, "event_id": event_id})
+
+    async def _settle_retrying(self, batch: Settlement) -> Settled:
+        """Settle, retrying a lost connection within the reconnect budget.
+
+        Raises:
+            DatabaseError: the database refused the batch (retrying it would fail again).
+        """
+        while True:
+            try:
+                settled = await self._store.settle(batch)
+            except DatabaseUnavailableError as exc:
+                await self._reconnect_settle.failed(exc)
+                continue
+            self._reconnect_settle.succeeded()
+            return settled
+
+    async def _settle_each(self, batch: Settlement) -> Settled:
+        """Settle row by row; a refused outcome becomes a charged release that records
+        why, so the row is retried (and ends DEAD after its attempts) instead of waiting
+        for its claim to lapse."""
+        acked: set[int] = set()
+        failed: set[int] = set()
+        released: set[int] = set()
+        for event_id in sorted(batch.ids()):
+            one = batch.only(event_id)
+            try:
+                done = await self._settle_retrying(one)
+            except DatabaseError as exc:
+                error = f"the database refused this turn's outcome: {exc}"[:MAX_ERROR_LENGTH]
+                log.error("outcome of event %d refused: %s", event_id, exc,
+                          extra={"worker_id": self._state.worker_id, "event_id": event_id})
+                try:
+                    done = await self._settle_retrying(
+                        Settlement(release=[Release(event_id, one.tokens()[event_id], True, error)]))
+                except DatabaseError as again:
+                    log.error("could not release event %d either (%s): the reaper will "
+                              "recover it", event_id, again,
+                              extra={"worker_id": self._state.worker_id, "event_id": event_id})
+                    continue
+            acked |= done.acked
+            failed |= done.failed
+            released |= done.released
+        return Settled(acked, failed, released)

@@ -59,12 +59,13 @@ class Heartbeat:
                 await conn.register_worker(
                     self._state.worker_id, self._state.generation, self._environment,
                     self._service, socket.gethostname(), os.getpid(),
-                    self._state.worker_state,
+                    self._state.worker_state, self._interval,
                 )
             except BaseException:
                 await conn.aclose()
                 raise
             self._conn = conn
+            self._state.renew_lease()
         return self._conn
 
     async def run_once(self) -> str:
@@ -91,6 +92,7 @@ class Heartbeat:
             raise DatabaseUnavailableError(f"heartbeat connection lost: {exc}") from None
         self.beats += 1
         self._state.last_beat = time.monotonic()
+        self._state.renew_lease()
         return written
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:

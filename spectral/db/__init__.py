@@ -13,12 +13,17 @@ from pathlib import Path
 import trio
 
 from . import _aio, embedded
+from ._aio import QueryMode
 from .migrate import MigrationReport, applied_versions, migrate, shipped
 from .publish import publish, publish_trio
 from .store import (
     CLEANUP_TIMEOUT,
+    Ack,
     ClaimedRow,
     Connection,
+    Fail,
+    Handled,
+    Release,
     Settled,
     Settlement,
     Store,
@@ -29,7 +34,8 @@ from .store import (
 from .urls import redact, scrub
 
 __all__ = [
-    "ClaimedRow", "Connection", "MigrationReport", "Settled", "Settlement", "Store", "TurnTx",
+    "Ack", "ClaimedRow", "Fail", "Handled", "QueryMode", "Release",
+    "Connection", "MigrationReport", "Settled", "Settlement", "Store", "TurnTx",
     "applied_versions", "asyncio_loop", "migrate", "open_database", "publish", "publish_trio",
     "redact", "resolve_url", "scrub", "shipped",
 ]

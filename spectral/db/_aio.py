@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -114,32 +115,13 @@ async def claim(
 
 
 @translated
-async def settle(
-    pool: asyncpg.Pool,
-    ledger: tuple[list[str], list[int]],
-    ack: tuple[list[int], list[Any]],
-    fail: tuple[list[int], list[Any], list[float], list[str], list[bool], list[str | None]],
-    release: tuple[list[int], list[Any], list[bool], list[str | None]],
-) -> tuple[set[int], set[int], set[int]]:
-    """Record a batch of turn outcomes in one transaction; returns the ids that matched."""
-    acked: set[int] = set()
-    failed: set[int] = set()
-    released: set[int] = set()
+async def settle(pool: asyncpg.Pool, args: Sequence[Any]) -> tuple[set[int], set[int], set[int]]:
+    """Record a batch of turn outcomes in one statement; returns the ids that matched."""
+    changed: dict[str, set[int]] = {"a": set(), "f": set(), "r": set()}
     with _own_statements():
-        if not fail[0] and not release[0]:
-            # The common batch: one statement (ledger rows and acknowledgements, atomic).
-            rows = await pool.fetch(OUTBOX.ack_with_ledger, *ack, *ledger)
-            return {r[0] for r in rows}, failed, released
-        async with pool.acquire() as conn, conn.transaction():
-            if ledger[0]:
-                await conn.execute(OUTBOX.record_handled, *ledger)
-            if ack[0]:
-                acked = {r[0] for r in await conn.fetch(OUTBOX.ack, *ack)}
-            if fail[0]:
-                failed = {r[0] for r in await conn.fetch(OUTBOX.fail, *fail)}
-            if release[0]:
-                released = {r[0] for r in await conn.fetch(OUTBOX.release, *release)}
-        return acked, failed, released
+        for kind, event_id in await pool.fetch(OUTBOX.settle, *args):
+            changed[kind].add(event_id)
+    return changed["a"], changed["f"], changed["r"]
 
 
 @translated
@@ -166,14 +148,18 @@ async def mark_exited(conn: asyncpg.Connection, worker_id: str) -> None:
 # --- a handler's transaction -----------------------------------------------------------
 
 
-class TurnOutcome:
-    """Values returned by ``turn_begin`` when the ledger says the handler already ran."""
+class TurnOutcome(enum.Enum):
+    """What ``turn_begin`` returns instead of a connection when the turn cannot begin."""
 
     ALREADY_HANDLED = "already-handled"
     CLAIM_LOST = "claim-lost"
 
 
-async def _run(conn: asyncpg.Connection, mode: str, sql: str, args: Sequence[Any]) -> Any:
+#: How a handler's statement runs (the method of the connection it maps to).
+QueryMode = Literal["execute", "executemany", "fetch", "fetchrow", "fetchval"]
+
+
+async def _run(conn: asyncpg.Connection, mode: QueryMode, sql: str, args: Sequence[Any]) -> Any:
     if mode == "execute":
         return await conn.execute(sql, *args)
     if mode == "fetch":
@@ -193,7 +179,7 @@ async def turn_begin(
     event_id: int | None,
     token: Any,
     handler: str,
-    mode: str,
+    mode: QueryMode,
     sql: str,
     args: Sequence[Any],
 ) -> tuple[Any, Any, Any]:
@@ -227,7 +213,7 @@ async def turn_begin(
 
 @translated
 async def turn_query(
-    pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any, mode: str, sql: str,
+    pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any, mode: QueryMode, sql: str,
     args: Sequence[Any],
 ) -> Any:
     """One statement inside an open handler transaction (a failing one aborts it)."""

@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import trio
 import trio_asyncio
 
 from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError, SpectralError
 from . import _aio
+from ._aio import QueryMode
 from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
 
 P = ParamSpec("P")
@@ -79,22 +80,73 @@ class ClaimedRow:
     handled: frozenset[str]
 
 
+class Ack(NamedTuple):
+    """A turn that succeeded: the row becomes DONE."""
+
+    id: int
+    token: uuid.UUID
+
+
+class Fail(NamedTuple):
+    """A turn that failed: one attempt charged; PENDING after ``delay`` s, or DEAD."""
+
+    id: int
+    token: uuid.UUID
+    delay: float  # seconds before the retry
+    error: str  # stored as last_error
+    dead: bool
+    reason: str | None  # dead_reason when dead
+
+
+class Release(NamedTuple):
+    """A claim given back: PENDING now, charged an attempt or not."""
+
+    id: int
+    token: uuid.UUID
+    charge: bool
+    error: str | None  # None keeps the previous last_error
+
+
+class Handled(NamedTuple):
+    """A ledger row for a handler that succeeded without opening a transaction."""
+
+    handler: str
+    event_id: int
+
+
 @dataclass
 class Settlement:
-    """A batch of turn outcomes, written in one transaction by :meth:`Store.settle`."""
+    """A batch of turn outcomes, written in one statement by :meth:`Store.settle`.
 
-    ledger: list[tuple[str, int]] = field(default_factory=list)
-    ack: list[tuple[int, uuid.UUID]] = field(default_factory=list)
-    fail: list[tuple[int, uuid.UUID, float, str, bool, str | None]] = field(
-        default_factory=list
-    )
-    release: list[tuple[int, uuid.UUID, bool, str | None]] = field(default_factory=list)
+    Ledger rows land only for rows whose fenced change matched their claim token.
+    """
+
+    ledger: list[Handled] = field(default_factory=list)
+    ack: list[Ack] = field(default_factory=list)
+    fail: list[Fail] = field(default_factory=list)
+    release: list[Release] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ack) + len(self.fail) + len(self.release)
 
     def ids(self) -> set[int]:
-        return {a[0] for a in self.ack} | {f[0] for f in self.fail} | {r[0] for r in self.release}
+        return {a.id for a in self.ack} | {f.id for f in self.fail} | {r.id for r in self.release}
+
+    def tokens(self) -> dict[int, uuid.UUID]:
+        """The claim token of every row in the batch."""
+        found = {a.id: a.token for a in self.ack}
+        found.update({f.id: f.token for f in self.fail})
+        found.update({r.id: r.token for r in self.release})
+        return found
+
+    def only(self, event_id: int) -> Settlement:
+        """The part of this batch that concerns one row (to isolate a refused outcome)."""
+        return Settlement(
+            [h for h in self.ledger if h.event_id == event_id],
+            [a for a in self.ack if a.id == event_id],
+            [f for f in self.fail if f.id == event_id],
+            [r for r in self.release if r.id == event_id],
+        )
 
 
 @dataclass(frozen=True)
@@ -155,11 +207,9 @@ class Store:
         ]
 
     async def settle(self, batch: Settlement) -> Settled:
-        columns: tuple[Any, ...] = (
-            _columns(batch.ledger, 2), _columns(batch.ack, 2), _columns(batch.fail, 6),
-            _columns(batch.release, 4),
-        )
-        acked, failed, released = await hop(_aio.settle, self._pool, *columns)
+        args = (*_columns(batch.ack, 2), *_columns(batch.fail, 6), *_columns(batch.release, 4),
+                *_columns(batch.ledger, 2))
+        acked, failed, released = await hop(_aio.settle, self._pool, args)
         return Settled(acked, failed, released)
 
     async def reap(self, limit: int) -> list[tuple[int, int, str | None]]:
@@ -325,6 +375,12 @@ class TurnTx:
 
     The first statement also checks the claim token and inserts the ``core.event_handled``
     row in the same hop; :meth:`commit` commits the handler's writes with that row.
+
+    It remembers what happened to it, whatever the handler does with the exceptions it
+    raised: :attr:`lost` (the claim was gone), :attr:`already_handled` (the ledger has the
+    handler), :attr:`failure` (a statement failed, the first one included, so the
+    transaction was aborted or never opened). A turn with any of these is never a success
+    with new effects, and once one happened no further statement runs.
     """
 
     def __init__(
@@ -337,34 +393,50 @@ class TurnTx:
         self._conn: Any = None
         self._tr: Any = None
         self._closed = False
-        self._failed: str | None = None  # a statement failed: PostgreSQL aborted the transaction
+        self.lost = False
+        self.already_handled = False
+        self.failure: str | None = None
 
     @property
     def opened(self) -> bool:
         """Whether the handler touched the database (a transaction is open)."""
         return self._conn is not None
 
-    async def query(self, mode: str, sql: str, args: Sequence[Any]) -> Any:
+    def _refuse_reuse(self) -> None:
+        if self.failure is not None:
+            raise DatabaseError(
+                f"this turn's transaction was aborted by an earlier error ({self.failure}); "
+                "no further statement runs"
+            )
         if self._closed:
             raise DatabaseError("this turn's transaction is finished; it cannot be used again")
+
+    async def query(self, mode: QueryMode, sql: str, args: Sequence[Any]) -> Any:
+        self._refuse_reuse()
         if self._conn is None:
-            conn, tr, result = await hop(
-                _aio.turn_begin, self._pool, self._event_id, self._token, self._handler,
-                mode, sql, args,
-            )
+            try:
+                conn, tr, result = await hop(
+                    _aio.turn_begin, self._pool, self._event_id, self._token, self._handler,
+                    mode, sql, args,
+                )
+            except SpectralError as exc:  # the first statement failed: nothing is open
+                self.failure = str(exc)
+                raise
             if conn is None:
                 self._closed = True
                 if result == _aio.TurnOutcome.ALREADY_HANDLED:
+                    self.already_handled = True
                     raise AlreadyHandledError(
                         f"handler {self._handler} already handled event {self._event_id}"
                     )
+                self.lost = True
                 raise ClaimLostError(f"event {self._event_id}: claim lost before the turn began")
             self._conn, self._tr = conn, tr
             return result
         try:
             return await hop(_aio.turn_query, self._pool, self._conn, self._tr, mode, sql, args)
         except SpectralError as exc:  # every server-side error aborts the transaction
-            self._failed = str(exc)
+            self.failure = str(exc)
             raise
 
     async def publish(
@@ -374,25 +446,30 @@ class TurnTx:
         if self._conn is None:
             # Open the transaction with a no-op so the publish joins the turn's writes.
             await self.query("execute", "SELECT 1", ())
+        self._refuse_reuse()
         try:
             return await hop(
                 _aio.publish, self._conn, topic, payload_json, available_at, generation
             )
         except SpectralError as exc:  # refused by core.publish: the transaction is aborted
-            self._failed = str(exc)
+            self.failure = str(exc)
             raise
 
     async def commit(self) -> None:
-        """Commit (shielded, bounded): the handler's writes and its ledger row together."""
-        if self._conn is None or self._closed:
-            return
-        if self._failed is not None:
-            # COMMIT of an aborted transaction is a silent ROLLBACK: never report success.
+        """Commit (shielded, bounded): the handler's writes and its ledger row together.
+
+        Raises:
+            DatabaseError: a statement of the turn failed (COMMIT of an aborted
+                transaction is a silent ROLLBACK: it is never reported as success).
+        """
+        if self.failure is not None:
             await self.rollback()
             raise DatabaseError(
-                f"the handler's transaction was aborted by an earlier error ({self._failed}); "
+                f"the handler's transaction was aborted by an earlier error ({self.failure}); "
                 "its writes were rolled back"
             )
+        if self._conn is None or self._closed:
+            return
         self._closed = True
         with trio.CancelScope(shield=True):
             with trio.fail_after(CLEANUP_TIMEOUT * 2):

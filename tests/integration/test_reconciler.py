@@ -9,7 +9,7 @@ import trio
 
 import spectral
 from spectral.actors.reconciler import Reconciler, ReconcileSettings
-from spectral.db import Store
+from spectral.db import Ack, Store
 from spectral.state import RuntimeState
 
 from .test_worker_turns import FAST, _generation, _is, running, wait_until
@@ -69,7 +69,7 @@ async def test_claims_of_a_dead_worker_are_released_before_the_claim_ttl(store: 
     # The dead worker's late acknowledgement is fenced off.
     from spectral.db import Settlement
 
-    settled = await store.settle(Settlement(ack=[(event_id, row.token)]))
+    settled = await store.settle(Settlement(ack=[Ack(event_id, row.token)]))
     assert settled.acked == set()
 
 

@@ -11,7 +11,7 @@ import trio
 
 import spectral
 from spectral.config import Settings
-from spectral.db import Settlement, Store
+from spectral.db import Ack, Handled, Settlement, Store
 from spectral.runtime import run_workers
 from spectral.state import RuntimeState
 
@@ -193,7 +193,7 @@ async def test_late_acknowledgement_after_the_claim_was_reaped_changes_nothing(
     [second] = await store.claim(gen, 10, "worker-b", 30)
     assert second.token != first.token and second.attempts == 1
 
-    late = Settlement(ack=[(event_id, first.token)], ledger=[("h", event_id)])
+    late = Settlement(ack=[Ack(event_id, first.token)], ledger=[Handled("h", event_id)])
     settled = await store.settle(late)
     assert settled.acked == set()
     assert settled.lost(late) == {event_id}
@@ -201,9 +201,12 @@ async def test_late_acknowledgement_after_the_claim_was_reaped_changes_nothing(
     assert row is not None
     assert row["status"] == "CLAIMED" and row["claimed_by"] == "worker-b"
     assert row["claim_token"] == second.token
+    # Nor did the stale worker's ledger row land: the owner's run must not find "already handled".
+    assert await store.fetchval("SELECT count(*) FROM core.event_handled WHERE event_id = $1",
+                                event_id) == 0
 
     # The current owner's acknowledgement still works.
-    settled = await store.settle(Settlement(ack=[(event_id, second.token)]))
+    settled = await store.settle(Settlement(ack=[Ack(event_id, second.token)]))
     assert settled.acked == {event_id}
 
 
@@ -385,7 +388,7 @@ async def test_a_handler_that_swallows_a_database_error_does_not_count_as_done(
         await wait_until(lambda: _is(store, event_id, "DONE"))
     row = await store.get_event(event_id)
     assert row is not None and row["attempts"] == 1
-    assert "aborted by an earlier error" in row["last_error"]
+    assert "its transaction failed" in row["last_error"] and "rolled back" in row["last_error"]
     assert await store.fetchval("SELECT count(*) FROM effects") == 1
 
 

@@ -5,11 +5,12 @@
 -- name: claim
 -- Claim up to $2 due PENDING rows of generation $1 for worker $3 for $4 seconds.
 -- $1 generation, $2 limit, $3 worker_id, $4 ttl seconds.
--- Returns the rows and, for each, the handlers that already committed (fan-out retries).
--- Due rows go in (available_at, id) order from outbox_due_idx, the one index with that
--- order, so the plan holds whatever the statistics say. A first attempt skips the ledger
--- lookup; a row released at a drain deadline (attempts still 0) may then run a handler
--- that already committed, whose ledger insert finds the row and applies nothing.
+-- Returns the rows and, for each, the handlers that already committed: read for every row
+-- claimed before (claims > 1 after this claim), whatever brought it back (retry, requeue,
+-- drain release, reaper, reconciler, hand-over); a row's first claim skips the read, as no
+-- handler can have run for it yet. Due rows go in (available_at, id) order from
+-- outbox_due_idx, the one index with that order, so the plan holds whatever the
+-- statistics say.
 WITH picked AS (
     SELECT id FROM core.outbox
     WHERE generation = $1 AND status = 'PENDING' AND deleted_at IS NULL
@@ -20,76 +21,70 @@ WITH picked AS (
 )
 UPDATE core.outbox AS o
 SET status = 'CLAIMED', claimed_by = $3, claim_token = gen_random_uuid(),
-    claim_expires_at = now() + make_interval(secs => $4), updated_at = now()
+    claim_expires_at = now() + make_interval(secs => $4), claims = o.claims + 1,
+    updated_at = now()
 FROM picked
 WHERE o.id = picked.id
 RETURNING o.id, o.topic, o.payload::text AS payload, o.generation, o.attempts, o.created_at,
           o.claim_token,
           extract(epoch FROM clock_timestamp() - o.available_at)::float8 AS wait_seconds,
-          CASE WHEN o.attempts = 0 THEN '{}'::text[]
+          CASE WHEN o.claims = 1 THEN '{}'::text[]
                ELSE ARRAY(SELECT h.handler FROM core.event_handled AS h WHERE h.event_id = o.id)
           END AS handled;
 
--- name: record_handled
--- Ledger rows for handlers that succeeded without opening a transaction.
--- $1 handler names, $2 event ids (same length).
-INSERT INTO core.event_handled (handler, event_id)
-SELECT * FROM unnest($1::text[], $2::bigint[])
-ON CONFLICT DO NOTHING;
-
--- name: ack
--- Mark claimed rows DONE. $1 ids, $2 claim tokens. Returns the ids that matched.
-UPDATE core.outbox AS o
-SET status = 'DONE', done_at = now(), updated_at = now(),
-    claim_token = NULL, claim_expires_at = NULL
-FROM unnest($1::bigint[], $2::uuid[]) AS a(id, token)
-WHERE o.id = a.id AND o.claim_token = a.token
-RETURNING o.id;
-
--- name: ack_with_ledger
--- A batch of successes in one statement: the ledger rows of handlers that opened no
--- transaction, and the acknowledgements. $1 ids, $2 claim tokens, $3 handler names,
--- $4 their event ids. Returns the acknowledged ids.
-WITH ledger AS (
+-- name: settle
+-- A batch of turn outcomes in one statement: acknowledgements, failures and releases,
+-- each fenced by its claim token, and the ledger rows of handlers that succeeded without
+-- opening a transaction, inserted only for rows whose fenced change matched (a worker
+-- that lost its claim writes no ledger row). Returns (kind, id) for every row changed:
+-- 'a' acknowledged, 'f' failed, 'r' released; ids missing had lost their claim.
+-- Acks: $1 ids, $2 tokens.
+-- Failures (charge one attempt; retry after a delay or DEAD with a reason): $3 ids,
+--   $4 tokens, $5 delay seconds, $6 last errors, $7 dead flags, $8 dead reasons.
+-- Releases (PENDING now; $11 says whether it costs an attempt: a turn cut off by the drain
+--   deadline does not): $9 ids, $10 tokens, $11 charge flags, $12 errors (NULL keeps the
+--   previous one).
+-- Ledger: $13 handler names, $14 their event ids.
+WITH acked AS (
+    UPDATE core.outbox AS o
+    SET status = 'DONE', done_at = now(), updated_at = now(),
+        claim_token = NULL, claim_expires_at = NULL
+    FROM unnest($1::bigint[], $2::uuid[]) AS a(id, token)
+    WHERE o.id = a.id AND o.claim_token = a.token
+    RETURNING o.id
+), failed AS (
+    UPDATE core.outbox AS o
+    SET status = CASE WHEN f.dead THEN 'DEAD' ELSE 'PENDING' END,
+        attempts = o.attempts + 1,
+        available_at = CASE WHEN f.dead THEN o.available_at
+                            ELSE now() + make_interval(secs => f.delay) END,
+        last_error = f.error,
+        dead_reason = CASE WHEN f.dead THEN f.reason END,
+        claim_token = NULL, claim_expires_at = NULL, updated_at = now()
+    FROM unnest($3::bigint[], $4::uuid[], $5::float8[], $6::text[], $7::bool[], $8::text[])
+         AS f(id, token, delay, error, dead, reason)
+    WHERE o.id = f.id AND o.claim_token = f.token
+    RETURNING o.id
+), released AS (
+    UPDATE core.outbox AS o
+    SET status = 'PENDING',
+        attempts = o.attempts + CASE WHEN r.charge THEN 1 ELSE 0 END,
+        last_error = coalesce(r.error, o.last_error),
+        claim_token = NULL, claim_expires_at = NULL, updated_at = now()
+    FROM unnest($9::bigint[], $10::uuid[], $11::bool[], $12::text[]) AS r(id, token, charge, error)
+    WHERE o.id = r.id AND o.claim_token = r.token
+    RETURNING o.id
+), ledger AS (
     INSERT INTO core.event_handled (handler, event_id)
-    SELECT * FROM unnest($3::text[], $4::bigint[])
+    SELECT l.handler, l.event_id
+    FROM unnest($13::text[], $14::bigint[]) AS l(handler, event_id)
+    WHERE l.event_id IN (SELECT id FROM acked UNION ALL SELECT id FROM failed
+                         UNION ALL SELECT id FROM released)
     ON CONFLICT DO NOTHING
 )
-UPDATE core.outbox AS o
-SET status = 'DONE', done_at = now(), updated_at = now(),
-    claim_token = NULL, claim_expires_at = NULL
-FROM unnest($1::bigint[], $2::uuid[]) AS a(id, token)
-WHERE o.id = a.id AND o.claim_token = a.token
-RETURNING o.id;
-
--- name: fail
--- A failed turn: retry after a delay, or DEAD with a reason. Charges one attempt.
--- $1 ids, $2 tokens, $3 delay seconds, $4 last errors, $5 dead flags, $6 dead reasons.
-UPDATE core.outbox AS o
-SET status = CASE WHEN f.dead THEN 'DEAD' ELSE 'PENDING' END,
-    attempts = o.attempts + 1,
-    available_at = CASE WHEN f.dead THEN o.available_at
-                        ELSE now() + make_interval(secs => f.delay) END,
-    last_error = f.error,
-    dead_reason = CASE WHEN f.dead THEN f.reason END,
-    claim_token = NULL, claim_expires_at = NULL, updated_at = now()
-FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[], $5::bool[], $6::text[])
-     AS f(id, token, delay, error, dead, reason)
-WHERE o.id = f.id AND o.claim_token = f.token
-RETURNING o.id;
-
--- name: release
--- Give claimed rows back as PENDING now. $3 says whether the release costs an attempt
--- (a turn cut off by the drain deadline does not; one that never started does not).
--- $1 ids, $2 tokens, $3 charge flags, $4 errors (NULL keeps the previous one).
-UPDATE core.outbox AS o
-SET status = 'PENDING',
-    attempts = o.attempts + CASE WHEN r.charge THEN 1 ELSE 0 END,
-    last_error = coalesce(r.error, o.last_error),
-    claim_token = NULL, claim_expires_at = NULL, updated_at = now()
-FROM unnest($1::bigint[], $2::uuid[], $3::bool[], $4::text[]) AS r(id, token, charge, error)
-WHERE o.id = r.id AND o.claim_token = r.token
-RETURNING o.id;
+SELECT 'a' AS kind, id FROM acked
+UNION ALL SELECT 'f', id FROM failed
+UNION ALL SELECT 'r', id FROM released;
 
 -- name: reap
 -- Return up to $1 rows whose claim lapsed to PENDING, charging an attempt. Rows whose

@@ -57,16 +57,20 @@ FROM (
 ) AS s;
 
 -- name: orphaned_claims
--- Release CLAIMED rows whose worker exited, is unknown, or has not beaten for $1 s,
--- without waiting for the claim TTL. Fenced by the token read under the row lock; rows
--- locked by a live turn's transaction are skipped. Charges an attempt, like the reaper.
+-- Release CLAIMED rows whose worker exited, is unknown, or has not beaten for two of its
+-- own heartbeat intervals ($1 s for workers that did not record theirs), without waiting
+-- for the claim TTL. Safe because a worker fences itself (stops claiming, cancels its
+-- turns) after one and a half intervals without a beat. Fenced by the token read under
+-- the row lock; rows locked by a live turn's transaction are skipped. Charges an attempt,
+-- like the reaper.
 WITH orphans AS (
     SELECT o.id, o.claim_token
     FROM core.outbox AS o
     LEFT JOIN core.workers AS w ON w.worker_id = o.claimed_by
     WHERE o.status = 'CLAIMED'
       AND (w.worker_id IS NULL OR w.state = 'exited'
-           OR w.last_seen < clock_timestamp() - make_interval(secs => $1))
+           OR w.last_seen < clock_timestamp()
+                            - make_interval(secs => coalesce(2 * w.heartbeat_seconds, $1)))
     ORDER BY o.id
     LIMIT 1000
     FOR UPDATE OF o SKIP LOCKED

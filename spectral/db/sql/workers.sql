@@ -2,12 +2,14 @@
 
 -- name: register_worker
 -- Register this process: $1 worker_id, $2 generation, $3 environment, $4 service,
--- $5 hostname, $6 pid, $7 state ('running', or 'reconnecting' after an outage).
+-- $5 hostname, $6 pid, $7 state ('running', or 'reconnecting' after an outage),
+-- $8 heartbeat interval in seconds.
 INSERT INTO core.workers (worker_id, generation, environment, service, hostname, pid, state,
-                          started_at, last_seen)
-VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp(), clock_timestamp())
+                          started_at, last_seen, heartbeat_seconds)
+VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp(), clock_timestamp(), $8)
 ON CONFLICT (worker_id) DO UPDATE
-SET state = excluded.state, last_seen = clock_timestamp(), exited_at = NULL;
+SET state = excluded.state, last_seen = clock_timestamp(), exited_at = NULL,
+    heartbeat_seconds = excluded.heartbeat_seconds;
 
 -- name: beat
 -- Refresh last_seen and state ('running' or 'reconnecting'). $1 worker_id, $2 state.
