@@ -314,7 +314,8 @@ class Scene:
             self.history.fault_at = scalar(url or self.url, "SELECT clock_timestamp()")
 
     def unsettled(self) -> int:
-        return int(scalar(self.url, "SELECT count(*) FROM core.outbox WHERE status IN ('PENDING', 'CLAIMED')"))
+        return int(scalar(
+            self.url, "SELECT count(*) FROM core.outbox WHERE status IN ('PENDING', 'CLAIMED')"))
 
     def wait_settled(self, timeout: float, *, what: str = "every event settled") -> float:
         """Wait until no row is PENDING or CLAIMED; returns the seconds waited."""

@@ -147,7 +147,8 @@ def _insert_outside_the_turn(event_id: int, attempt: int) -> None:
         conn = await asyncpg.connect(os.environ["SPECTRAL_DATABASE_URL"], timeout=10)
         try:
             await conn.execute(
-                "INSERT INTO fx_effects (handler, event_id, marker, attempt, pid) VALUES ($1, $2, NULL, $3, $4)",
+                "INSERT INTO fx_effects (handler, event_id, marker, attempt, pid) "
+                "VALUES ($1, $2, NULL, $3, $4)",
                 "fx.canary", event_id, attempt, os.getpid())
         finally:
             await conn.close()
