@@ -10,6 +10,7 @@ checker's figures.
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import os
 import pwd
@@ -43,8 +44,21 @@ from .workload import EFFECTS_DDL
 
 ROOT = Path(__file__).parents[2]
 APP = "tests.faults.workload:app"
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+def _pg_bin() -> Path:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)
+    if not candidates:
+        raise RuntimeError("no pg_ctl: install PostgreSQL's server binaries")
+    return Path(candidates[0]).parent
+
+
+PG_BIN = _pg_bin()
+#: Debian's libfaketime (.ci/run installs it).
+FAKETIME_LIB = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))),
+                    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 #: Short intervals for every worker (validate_runtime: 6 > 2 + 2 + 0.5 + margin).
 FAST = {
@@ -83,7 +97,8 @@ class PrivateServer:
     Never the shared cluster: stopping that would break everyone else's tests.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = 300) -> None:
+        self.max_connections = max_connections
         self.dir = Path(tempfile.mkdtemp(prefix="spectral-faults-pg-"))
         self.pgdata = self.dir / "data"
         self.port = free_port()
@@ -102,7 +117,8 @@ class PrivateServer:
         subprocess.run(
             [*_run_as_postgres(), str(PG_BIN / "pg_ctl"), "-D", str(self.pgdata), "-w", "-t", "60",
              "-l", str(self.dir / "server.log"), "-o",
-             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c max_connections=300",
+             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} "
+             f"-c max_connections={self.max_connections}",
              "start"],
             check=True, capture_output=True, timeout=90,
         )
@@ -136,9 +152,9 @@ class Scene:
     """One scenario's database, workers, producers and history."""
 
     def __init__(self, name: str, *, shared: Server | None = None, private: bool = False,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, max_connections: int = 300) -> None:
         self.name = name
-        self.private = PrivateServer() if private else None
+        self.private = PrivateServer(max_connections) if private else None
         self._shared = shared
         if self.private is not None:
             admin(self.private.url, "CREATE DATABASE faults")
@@ -387,6 +403,10 @@ class Scene:
             self.history.committed.update({i: "fx.work" for i in present})
             self.notes.append(f"{len(self._uncertain)} publishes had an unanswered COMMIT; "
                               f"{len(present)} had landed")
+        for r in fetch(self.url, "SELECT id, topic, status, attempts, claimed_by, last_error "
+                                 "FROM core.outbox WHERE status IN ('PENDING', 'CLAIMED') "
+                                 "ORDER BY id LIMIT 5"):
+            self.notes.append(f"unsettled: {r}"[:400])
         history.read(self.url, self.log_dir, self.history)
         figures = history.check(self.name, self.history)
         figures.notes = list(self.notes)

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,17 +41,18 @@ class Scenario:
     name: str
     title: str
     body: Body
-    private: bool = False  # needs a PostgreSQL of its own (stopped or restarted)
+    private: bool = False  # needs a PostgreSQL of its own (stopped, restarted, or many clients)
     env: tuple[tuple[str, str], ...] = ()
+    max_connections: int = 300  # of the private server
 
 
 SCENARIOS: dict[str, Scenario] = {}
 
 
-def scenario(name: str, title: str, *, private: bool = False,
+def scenario(name: str, title: str, *, private: bool = False, max_connections: int = 300,
              **env: str) -> Callable[[Body], Body]:
     def register(body: Body) -> Body:
-        SCENARIOS[name] = Scenario(name, title, body, private, tuple(env.items()))
+        SCENARIOS[name] = Scenario(name, title, body, private, tuple(env.items()), max_connections)
         return body
 
     return register
@@ -60,7 +62,7 @@ def run(name: str, shared: Server | None, *, full: bool = False) -> Figures:
     """Run scenario ``name`` in a fresh database; returns the checker's figures."""
     spec = SCENARIOS[name]
     scene = Scene(name, shared=None if spec.private else shared, private=spec.private,
-                  env=dict(spec.env))
+                  env=dict(spec.env), max_connections=spec.max_connections)
     started = time.monotonic()
     try:
         try:
@@ -123,15 +125,16 @@ def sigkill_after_commit(s: Scene, full: bool) -> None:
 
 @scenario("sigterm-burst", "SIGTERM during a burst, and SIGTERM twice (exit 130)")
 def sigterm_burst(s: Scene, full: bool) -> None:
-    s.produce(2000 if full else 600, payload={"sleep": 0.05})
+    # Turns of 0.5 s: the second SIGTERM lands while the first drain still waits for them.
+    s.produce(2000 if full else 600, payload={"sleep": 0.5})
     workers = [s.spawn() for _ in range(3)]
     s.ready(*workers)
-    with s.load(rate=100):
+    with s.load(rate=100, payload={"sleep": 0.5}):
         s.wait_for(lambda: s.in_transaction() >= 5, 20, "turns in flight")
         s.mark_fault()
         s.signal(workers[0], signal.SIGTERM)
         s.signal(workers[1], signal.SIGTERM)
-        time.sleep(0.2)
+        time.sleep(0.1)
         s.signal(workers[1], signal.SIGTERM)
         codes = [w.proc.wait(20) for w in workers[:2]]
         s.expect(codes == [0, 130], f"exit codes after SIGTERM / SIGTERM twice: {codes}, expected [0, 130]")
@@ -314,24 +317,23 @@ def pool_exhaustion(s: Scene, full: bool) -> None:
 def open_transaction_drain(s: Scene, full: bool) -> None:
     n = 20_000 if full else 3_000
 
-    async def hold(stop: asyncio.Event) -> None:
+    async def hold(stop: threading.Event) -> None:
         conn = await asyncpg.connect(s.url, server_settings={"application_name": "fx-holder"})
         try:
             async with conn.transaction(isolation="repeatable_read"):
                 await conn.fetchval("SELECT txid_current()")
                 await conn.fetchval("SELECT count(*) FROM core.outbox")
-                await stop.wait()
+                await asyncio.to_thread(stop.wait)
         finally:
             await conn.close()
 
-    import threading
-
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    thread = threading.Thread(target=loop.run_until_complete, args=(hold(stop),), daemon=True)
+    holding = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+               "AND application_name = 'fx-holder' AND backend_xmin IS NOT NULL")
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: asyncio.run(hold(stop)), daemon=True)
     thread.start()
     try:
-        time.sleep(0.5)
+        s.wait_for(lambda: scalar(s.url, holding) == 1, 10, "the open transaction")
         s.produce_bulk(n)
         s.mark_fault()
         started = time.monotonic()
@@ -340,12 +342,13 @@ def open_transaction_drain(s: Scene, full: bool) -> None:
         s.ready(*workers)
         s.wait_settled(240 if full else 90)
         elapsed = time.monotonic() - started
+        s.expect(scalar(s.url, holding) == 1, "the transaction was not held open for the whole drain")
         dead_tuples = scalar(s.url, "SELECT n_dead_tup FROM pg_stat_user_tables "
                                     "WHERE schemaname = 'core' AND relname = 'outbox'")
         s.notes.append(f"{n} events drained in {elapsed:.1f}s incl. start-up ({n / elapsed:.0f}/s) "
                        f"with a transaction open; outbox dead tuples {dead_tuples}")
     finally:
-        loop.call_soon_threadsafe(stop.set)
+        stop.set()
         thread.join(10)
 
 
@@ -456,9 +459,10 @@ def payload_10mb(s: Scene, full: bool) -> None:
 
 
 @scenario("producers-1000", "1,000 concurrent producers publishing 100,000 events, NOTIFY on and off",
-          private=True)
+          private=True, max_connections=1100)
 def producers_1000(s: Scene, full: bool) -> None:
-    producers, per = (1000, 50) if full else (100, 20)  # per producer and NOTIFY mode
+    # Each producer has a connection of its own; the numbers are per NOTIFY mode.
+    producers, per = (1000, 100) if full else (100, 20)
     for listen in ("true", "false"):
         workers = [s.spawn(SPECTRAL_LISTEN_ENABLED=listen, SPECTRAL_CONCURRENCY="50",
                            SPECTRAL_POOL_SIZE="10") for _ in range(3)]
