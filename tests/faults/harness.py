@@ -55,7 +55,6 @@ def _pg_bin() -> Path:
     return Path(candidates[0]).parent
 
 
-PG_BIN = _pg_bin()
 #: Debian's libfaketime (.ci/run installs it).
 FAKETIME_LIB = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))),
                     "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
@@ -99,6 +98,7 @@ class PrivateServer:
 
     def __init__(self, max_connections: int = 300) -> None:
         self.max_connections = max_connections
+        self.bin = _pg_bin()
         self.dir = Path(tempfile.mkdtemp(prefix="spectral-faults-pg-"))
         self.pgdata = self.dir / "data"
         self.port = free_port()
@@ -107,7 +107,7 @@ class PrivateServer:
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
             for path in (self.dir, *self.dir.parents):
                 path.chmod(path.stat().st_mode | 0o001)
-        subprocess.run([*_run_as_postgres(), str(PG_BIN / "initdb"), "-D", str(self.pgdata),
+        subprocess.run([*_run_as_postgres(), str(self.bin / "initdb"), "-D", str(self.pgdata),
                         "-U", "postgres", "--auth=trust", "--encoding=UTF8"],
                        check=True, capture_output=True, timeout=120)
         self.start()
@@ -115,7 +115,7 @@ class PrivateServer:
 
     def start(self) -> None:
         subprocess.run(
-            [*_run_as_postgres(), str(PG_BIN / "pg_ctl"), "-D", str(self.pgdata), "-w", "-t", "60",
+            [*_run_as_postgres(), str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "-w", "-t", "60",
              "-l", str(self.dir / "server.log"), "-o",
              f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} "
              f"-c max_connections={self.max_connections}",
@@ -124,7 +124,7 @@ class PrivateServer:
         )
 
     def stop(self, mode: str = "fast") -> None:
-        subprocess.run([*_run_as_postgres(), str(PG_BIN / "pg_ctl"), "-D", str(self.pgdata),
+        subprocess.run([*_run_as_postgres(), str(self.bin / "pg_ctl"), "-D", str(self.pgdata),
                         "-w", "-t", "60", "-m", mode, "stop"], capture_output=True, timeout=90)
 
     def close(self) -> None:
@@ -407,6 +407,12 @@ class Scene:
                                  "FROM core.outbox WHERE status IN ('PENDING', 'CLAIMED') "
                                  "ORDER BY id LIMIT 5"):
             self.notes.append(f"unsettled: {r}"[:400])
+        if self.failures:
+            for r in fetch(self.url, "SELECT application_name, state, "
+                                     "extract(epoch FROM clock_timestamp() - xact_start)::int AS xact_s, "
+                                     "left(query, 80) AS query FROM pg_stat_activity "
+                                     "WHERE datname = current_database() AND state LIKE 'idle in%'"):
+                self.notes.append(f"open transaction: {r}")
         history.read(self.url, self.log_dir, self.history)
         figures = history.check(self.name, self.history)
         figures.notes = list(self.notes)
