@@ -291,9 +291,18 @@ class Settings:
         """Check the settings that only matter to a running worker.
 
         Raises:
-            ConfigurationError: the claim TTL does not cover a turn, the drain and a
-                missed heartbeat, so a live worker's rows could be reaped under it.
+            ConfigurationError: a duration is out of range (also for settings built in
+                code, which skip the parsers), or the claim TTL does not cover a turn, the
+                drain and a missed heartbeat, so a live worker's rows could be reaped
+                under it.
         """
+        for f in self.fields():
+            value = getattr(self, f.name)
+            if f.metadata["parse"] is _seconds and not 0 < value <= MAX_SECONDS:
+                raise ConfigurationError(
+                    f"{f.metadata['env']}: must be a positive number of seconds, at most "
+                    f"{MAX_SECONDS:.0f} (got {value!r})"
+                )
         needed = self.handler_max + self.drain_timeout + self.heartbeat_interval
         if self.claim_ttl <= needed:
             raise ConfigurationError(

@@ -27,7 +27,7 @@ from spectral.db import embedded, migrate, open_database
 
 from ..pg import admin, query
 from .proc import Spectral
-from .workload import EFFECTS_DDL, HANDLER, TOPIC
+from .workload import EFFECTS_DDL, HANDLER, POISON, TOPIC
 
 ROOT = Path(__file__).parents[2]
 APP = "tests.acceptance.workload:app"
@@ -180,6 +180,25 @@ def spawn() -> Iterator[Spawn]:
 
 
 # --- the tests --------------------------------------------------------------------------
+
+
+def test_a_handler_calling_sys_exit_fails_its_event_and_the_worker_keeps_serving(
+    db_url: str, spawn: Spawn,
+) -> None:
+    generation = prepare(db_url)
+    [poisoned] = [r["id"] for r in query(
+        db_url, "SELECT core.publish($1, '{}', NULL, $2) AS id", POISON, generation)]
+    proc = spawn(db_url, generation)
+    proc.wait_for("spectral ready")
+    wait_until(lambda: scalar(db_url, "SELECT status FROM core.outbox WHERE id = $1", poisoned)
+               == "DEAD", 30, "the poison event to go DEAD", proc)
+    ids = publish(db_url, generation, 20)
+    wait_until(lambda: statuses(db_url).get("DONE") == len(ids), 30, "the next events", proc)
+    row = rows(db_url, "SELECT attempts, last_error FROM core.outbox WHERE id = $1", poisoned)[0]
+    assert row["attempts"] == 3 and "SystemExit: 3" in row["last_error"]
+    assert effects(db_url) == (20, 20)
+    code, _ = stop(proc)
+    assert code == 0, tail(proc)
 
 
 @pytest.mark.slow

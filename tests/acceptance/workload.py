@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 
 import trio
@@ -27,6 +28,8 @@ log = logging.getLogger("spectral.workload")
 
 TOPIC = "work.item"
 HANDLER = "workload.effect"
+#: A poison event: its handler calls ``sys.exit(3)``.
+POISON = "work.poison"
 
 EFFECTS_DDL = """
 CREATE TABLE effects (
@@ -58,3 +61,8 @@ async def effect(event: spectral.Event, tx: spectral.Tx) -> None:
     pause = _seconds("WORKLOAD_SLEEP")
     if pause:
         await trio.sleep(pause)
+
+
+@app.handler(POISON, name="workload.poison", max_attempts=3)
+async def poison(event: spectral.Event, tx: spectral.Tx) -> None:
+    sys.exit(3)

@@ -276,3 +276,19 @@ def test_flags_parsed_by_the_cli_reach_the_settings(monkeypatch: pytest.MonkeyPa
     args = _build_parser().parse_args(["migrate", "--batch-size", "21"])
     settings = _load_settings(args)
     assert (settings.batch_size, settings.concurrency) == (21, 12)
+
+
+@pytest.mark.parametrize("value", ["1e12", "1000000001"])
+def test_a_duration_the_database_cannot_hold_is_refused_with_one_line(value: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"^SPECTRAL_RETRY_MAX: must be at most 1000000000 seconds"):
+        Settings.load({"SPECTRAL_RETRY_MAX": value})
+
+
+def test_validate_runtime_refuses_an_out_of_range_duration_built_in_code() -> None:
+    with pytest.raises(ConfigurationError, match=r"^SPECTRAL_CLAIM_TTL: must be a positive number"):
+        Settings(claim_ttl=1e12).validate_runtime()
+
+
+def test_the_fence_comes_before_the_reconciler_may_take_claims() -> None:
+    settings = Settings(heartbeat_interval=30)
+    assert (settings.fence_after, settings.heartbeat_stale_after) == (45.0, 60.0)
