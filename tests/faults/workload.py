@@ -96,29 +96,26 @@ async def _effect(handler: str, event: spectral.Event, tx: spectral.Tx, pause: f
         await trio.sleep(pause)
 
 
-@app.handler("fx.work", name="fx.tx")
-async def work_tx(event: spectral.Event, tx: spectral.Tx) -> None:
-    await _effect("fx.tx", event, tx)
+def _transactional(topic: str, name: str, pause_key: str | None = None) -> None:
+    async def handler(event: spectral.Event, tx: spectral.Tx) -> None:
+        await _effect(name, event, tx, float(event.payload.get(pause_key) or 0) if pause_key else 0.0)
+
+    app.handler(topic, name=name)(handler)
 
 
-@app.handler("fx.work", name="fx.outside")
-async def work_outside(event: spectral.Event, tx: spectral.Tx) -> None:
-    _outside("fx.outside", event)
+def _outside_only(topic: str, name: str) -> None:
+    async def handler(event: spectral.Event, tx: spectral.Tx) -> None:
+        _outside(name, event)
+
+    app.handler(topic, name=name)(handler)
 
 
-@app.handler("fx.fan", name="fx.fan.a")
-async def fan_a(event: spectral.Event, tx: spectral.Tx) -> None:
-    await _effect("fx.fan.a", event, tx)
-
-
-@app.handler("fx.fan", name="fx.fan.out")
-async def fan_out(event: spectral.Event, tx: spectral.Tx) -> None:
-    _outside("fx.fan.out", event)
-
-
-@app.handler("fx.fan", name="fx.fan.b")
-async def fan_b(event: spectral.Event, tx: spectral.Tx) -> None:
-    await _effect("fx.fan.b", event, tx, float(event.payload.get("b_sleep") or 0))
+# A turn runs a topic's handlers in the order they are registered.
+_transactional("fx.work", "fx.tx")
+_outside_only("fx.work", "fx.outside")
+_transactional("fx.fan", "fx.fan.a")
+_outside_only("fx.fan", "fx.fan.out")
+_transactional("fx.fan", "fx.fan.b", pause_key="b_sleep")
 
 
 @app.handler("fx.poison.raise", name="fx.poison.raise", max_attempts=POISON_ATTEMPTS)
