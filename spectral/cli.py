@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
+import getpass
 import importlib
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +22,7 @@ import trio
 from . import __version__, logs
 from .app import App
 from .config import Settings
-from .db import embedded, migrate, open_database, redact, resolve_url
+from .db import Store, embedded, migrate, open_database, redact, resolve_url
 from .db.urls import password_of
 from .errors import (
     AppLoadError,
@@ -27,24 +30,65 @@ from .errors import (
     InvalidEventError,
     InvalidPayloadError,
     NoGenerationError,
+    RolloutRefusedError,
     SchemaNotReadyError,
     SpectralError,
 )
 from .events import check_topic, encode_payload
+from .observe import health_view
 from .verdicts import verdicts
 
 if TYPE_CHECKING:
     from .rollout import RolloutResult
 
 DEMO_APP = "spectral.demo:app"
-USER_ERRORS = (ConfigurationError, InvalidEventError, AppLoadError, NoGenerationError,
-               SchemaNotReadyError)
+#: `spectral prune --dry-run` counts DONE and DEAD rows up to this many each.
+DRY_RUN_CAP = 1_000_000
+USER_ERRORS: tuple[type[SpectralError], ...] = (
+    ConfigurationError, InvalidEventError, AppLoadError, NoGenerationError, SchemaNotReadyError,
+    RolloutRefusedError)
 
 
-def _settings_parser() -> argparse.ArgumentParser:
+_CONNECTION = ("database_url", "database_url_file", "pooler", "data_dir", "log_format", "log_level")
+
+#: The settings each command reads, so its --help and flags name those only (None: every
+#: setting). The environment still supplies all of them; a flag a command does not read
+#: is a usage error instead of being silently ignored.
+COMMAND_SETTINGS: dict[str, tuple[str, ...] | None] = {
+    "run": None,
+    "worker": None,
+    "api": None,
+    "migrate": (*_CONNECTION, "max_payload_bytes", "heartbeat_interval"),
+    "publish": (*_CONNECTION, "generation", "environment", "max_payload_bytes"),
+    "requeue": _CONNECTION,
+    "inspect": (*_CONNECTION, "heartbeat_interval"),
+    "prune": (*_CONNECTION, "prune_enabled", "prune_interval", "prune_batch", "retain_done",
+              "retain_dead", "retain_workers", "retain_records", "worker_lost_after"),
+    "deploy allocate": _CONNECTION,
+    "deploy rollout": (*_CONNECTION, "generation", "environment", "drain_timeout",
+                       "heartbeat_interval", "reconcile_interval"),
+    "deploy history": _CONNECTION,
+    "reconcile": _CONNECTION,
+    "db": ("data_dir", "log_format", "log_level"),
+}
+
+
+def _settings_parser(command: str) -> argparse.ArgumentParser:
+    used = COMMAND_SETTINGS[command]
+    unknown = set(used or ()) - {f.name for f in Settings.fields()}
+    assert not unknown, f"COMMAND_SETTINGS[{command!r}] names no setting {sorted(unknown)}"
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("settings (flags override environment variables)")
     for f in Settings.fields():
+        if not f.metadata["flag"]:
+            # A secret with no flag (it would show in ps; its *_FILE setting has one). Every
+            # command still parses it, to refuse it with a clear line that does not echo it
+            # (argparse's "unrecognized arguments" would print the secret).
+            group.add_argument("--" + f.name.replace("_", "-"), dest=f"refused_{f.name}",
+                               help=argparse.SUPPRESS)
+            continue
+        if used is not None and f.name not in used:
+            continue
         env = f.metadata["env"]
         also = f.metadata["also"]
         names = " or ".join((env, *also))
@@ -57,7 +101,6 @@ def _settings_parser() -> argparse.ArgumentParser:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    settings = _settings_parser()
     parser = argparse.ArgumentParser(
         prog="spectral",
         description="A worker runtime for transactional-outbox systems on PostgreSQL.",
@@ -66,23 +109,26 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
-        "run", parents=[settings], help="run the workers and the HTTP server (default: the demo app)"
+        "run", parents=[_settings_parser("run")],
+        help="run the workers and the HTTP server (default: the demo app)",
     )
     run.add_argument("app", nargs="?", default=DEMO_APP, help=f"MODULE:APP (default {DEMO_APP})")
-    worker = sub.add_parser("worker", parents=[settings], help="run the workers only (no HTTP)")
+    worker = sub.add_parser("worker", parents=[_settings_parser("worker")],
+                            help="run the workers only (no HTTP)")
     worker.add_argument("app", help="MODULE:APP")
-    api = sub.add_parser("api", parents=[settings], help="serve HTTP only (no workers)")
+    api = sub.add_parser("api", parents=[_settings_parser("api")], help="serve HTTP only (no workers)")
     api.add_argument("app", help="MODULE:APP")
 
-    sub.add_parser("migrate", parents=[settings], help="apply pending migrations of the core schema")
+    sub.add_parser("migrate", parents=[_settings_parser("migrate")],
+                   help="apply pending migrations of the core schema")
 
-    pub = sub.add_parser("publish", parents=[settings], help="publish one event")
+    pub = sub.add_parser("publish", parents=[_settings_parser("publish")], help="publish one event")
     pub.add_argument("topic")
     pub.add_argument("payload", help="a JSON object, e.g. '{\"order_id\": 1}'")
     pub.add_argument("--available-at", help="ISO-8601 time before which it must not run")
 
     req = sub.add_parser(
-        "requeue", parents=[settings],
+        "requeue", parents=[_settings_parser("requeue")],
         help="put DEAD events back to PENDING, or move a retired generation's leftovers",
     )
     target = req.add_mutually_exclusive_group(required=True)
@@ -94,12 +140,21 @@ def _build_parser() -> argparse.ArgumentParser:
     req.add_argument("--to-generation", type=int,
                      help="with --topic or --retired-generation: move them to this generation")
 
-    ins = sub.add_parser("inspect", parents=[settings], help="deployments, workers and the outbox")
+    prune = sub.add_parser(
+        "prune", parents=[_settings_parser("prune")],
+        help="run one prune pass now (retention by SPECTRAL_RETAIN_*), or say what it would delete",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count only; delete nothing")
+    prune.add_argument("--json", action="store_true", help="print a JSON object")
+
+    ins = sub.add_parser("inspect", parents=[_settings_parser("inspect")],
+                         help="deployments, workers and the outbox")
     ins.add_argument("--json", action="store_true", help="one JSON object for scripts")
 
     dep = sub.add_parser("deploy", help="deployment generations")
     dep_sub = dep.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
-    alloc = dep_sub.add_parser("allocate", parents=[settings], help="allocate the next generation")
+    alloc = dep_sub.add_parser("allocate", parents=[_settings_parser("deploy allocate")],
+                               help="allocate the next generation")
     alloc.add_argument("--reference", required=True, help="what is deployed (a commit sha, a tag)")
     alloc.add_argument("--tag", help="a free-form label")
     alloc.add_argument("--deployed-by", help="who deploys")
@@ -107,14 +162,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser("reconcile", help="the reconciler's live kill switch and last pass")
     rec_sub = rec.add_subparsers(dest="reconcile_command", required=True, metavar="ACTION")
-    rec_sub.add_parser("on", parents=[settings], help="enable passes on every worker, live")
-    rec_sub.add_parser("off", parents=[settings], help="disable passes on every worker, live")
-    rec_sub.add_parser("default", parents=[settings],
+    reconcile = _settings_parser("reconcile")
+    rec_sub.add_parser("on", parents=[reconcile], help="enable passes on every worker, live")
+    rec_sub.add_parser("off", parents=[reconcile], help="disable passes on every worker, live")
+    rec_sub.add_parser("default", parents=[reconcile],
                        help="drop the override: SPECTRAL_RECONCILE_ENABLED decides again")
-    rec_sub.add_parser("status", parents=[settings], help="the override and the last pass")
+    rec_sub.add_parser("status", parents=[reconcile], help="the override and the last pass")
 
     roll = dep_sub.add_parser(
-        "rollout", parents=[settings],
+        "rollout", parents=[_settings_parser("deploy rollout")],
         help="start a new generation, health-check it, cut over or roll back",
     )
     roll.add_argument("--reference",
@@ -138,11 +194,32 @@ def _build_parser() -> argparse.ArgumentParser:
     roll.add_argument("--env-file", help="docker: an env file for the container")
     roll.add_argument("--dry-run", action="store_true", help="docker: print the commands only")
     roll.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    roll.add_argument("--record", type=Path, help="also write the deploy record to this file")
+    roll.add_argument("--staging-record", type=Path,
+                      help="production: the staging rollout's record file (the gate's evidence)")
+    roll.add_argument("--staging-database-url", metavar="URL",
+                      help="production: the staging database, read only (the gate's evidence)")
+    roll.add_argument("--override-staging-gate", metavar="REASON",
+                      help="production: roll out without staging evidence; the reason is recorded")
+    roll.add_argument("--yes", action="store_true",
+                      help="cut over even when the pre-flight finds work in flight")
+    roll.add_argument("--smoke-wait", type=float,
+                      help="seconds to wait for a reconcile pass in the smoke checks "
+                           "(default 2 x SPECTRAL_RECONCILE_INTERVAL + 5)")
+
+    # --environment filters the records here; it is not the SPECTRAL_ENVIRONMENT setting.
+    hist = dep_sub.add_parser("history", parents=[_settings_parser("deploy history")],
+                              help="the deploy records, newest first")
+    hist.add_argument("--environment", dest="history_environment",
+                      help="only this environment's records")
+    hist.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    hist.add_argument("--json", action="store_true", help="one JSON array for scripts")
 
     db = sub.add_parser("db", help="the embedded development database")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    db_sub.add_parser("start", parents=[settings], help="start it (or reuse it) and print its URL")
-    db_sub.add_parser("stop", parents=[settings], help="stop it")
+    db_settings = _settings_parser("db")
+    db_sub.add_parser("start", parents=[db_settings], help="start it (or reuse it) and print its URL")
+    db_sub.add_parser("stop", parents=[db_settings], help="stop it")
     return parser
 
 
@@ -152,7 +229,27 @@ def _load_settings(args: argparse.Namespace) -> Settings:
         for key, value in vars(args).items()
         if key.startswith("setting_") and value is not None
     }
+    for key, value in vars(args).items():
+        if key.startswith("refused_") and value is not None:
+            name = key[len("refused_"):]
+            raise ConfigurationError(
+                f"--{name.replace('_', '-')}: a secret on the command line shows in ps; use "
+                f"SPECTRAL_{name.upper()} or --{name.replace('_', '-')}-file instead"
+            )
+    for name in ("database_url", "listen_database_url"):
+        # A flag shows in `ps` to every user of the machine: a password goes in a file.
+        if overrides.get(name) and password_of(overrides[name] or ""):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigurationError(
+                f"{flag}: the URL holds a password, which would show in ps; use "
+                f"SPECTRAL_{name.upper()}, {flag}-file or a .pgpass file instead"
+            )
     return Settings.load(overrides=overrides)
+
+
+def _open(url: str, settings: Settings, pool_size: int = 1) -> AbstractAsyncContextManager[Store]:
+    """The CLI's database: a small pool, through the configured pooler mode."""
+    return open_database(url, pool_size=pool_size, pooler=settings.pooler)
 
 
 def load_app(ref: str) -> App:
@@ -193,7 +290,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> None:
-        async with open_database(url, pool_size=1):
+        async with _open(url, settings):
             report = await migrate(url, settings.payload_cap_to_apply,
                                    stale_after=settings.heartbeat_stale_after)
         if report.applied:
@@ -238,7 +335,7 @@ def cmd_publish(args: argparse.Namespace, settings: Settings, url: str) -> int:
             raise ConfigurationError("--available-at: give a time zone, e.g. 2026-01-01T12:00:00+00:00")
 
     async def main() -> None:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             generation = await _generation_for_producer(store, settings)
             event_id = await store.publish(
                 args.topic, text, available_at=available_at, generation=generation
@@ -251,7 +348,7 @@ def cmd_publish(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 def cmd_requeue(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> list[int]:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             if args.ids:
                 if args.to_generation is not None:
                     raise ConfigurationError("--to-generation goes with --topic or --retired-generation")
@@ -273,16 +370,21 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> dict[str, Any]:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             return {
                 "deployments": await store.latest_deployments(5),
                 "workers": await store.workers(settings.heartbeat_stale_after),
                 "outbox": await store.outbox_counts(),
+                "tables": await store.table_health(),
+                "xmin_horizon": await store.xmin_horizon(),
+                "last_prune_pass": await store.last_prune_pass(),
             }
 
     view = trio.run(main)
     judged = verdicts(view["deployments"], view["workers"], view["outbox"],
                       settings.heartbeat_stale_after)
+    tables, horizon = view.pop("tables"), view.pop("xmin_horizon")
+    view["health"] = health_view(tables, horizon, sum(int(r["n"]) for r in view["outbox"]))
     if args.json:
         view["verdicts"] = [v.as_dict() for v in judged]
         _print(json.dumps(view, default=str, indent=2))
@@ -300,48 +402,168 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
     _print("outbox (generation x status):")
     for row in view["outbox"]:
         _print(f"  gen {row['generation']:>4}  {row['status']:<8} {row['n']}")
+    _print(f"  DONE rows (estimated): {view['health']['done_estimate']}")
+    last = view["last_prune_pass"]
+    if last is None:
+        _print("pruner: no pass yet")
+    else:
+        took = (last["finished_at"] - last["started_at"]).total_seconds()
+        _print(f"pruner: last pass {last['started_at']:%Y-%m-%d %H:%M:%S} by {last['worker_id']} "
+               f"in {took:.3f}s, pruned {json.dumps(last['pruned'])}, "
+               f"{len(last['errors'])} errors")
     _print("verdicts:")
     for v in judged:
         _print(f"  [{'ok' if v.ok else '!!'}] {v.message}")
+    _print("health:")
+    for h in view["health"]["verdicts"]:
+        _print(f"  [{'ok' if h['ok'] else '!!'}] {h['message']}")
     return 0
 
 
+def cmd_prune(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    import os
+    import socket
+
+    from .actors.pruner import Pruner
+    from .runtime import prune_settings
+    from .state import RuntimeState
+
+    configured = prune_settings(settings)
+
+    async def main() -> dict[str, Any] | None:
+        async with open_database(url, pool_size=1) as store:
+            if args.dry_run:
+                return await store.would_prune(
+                    done=configured.retain_done, dead=configured.retain_dead,
+                    workers=configured.retain_workers, records=configured.retain_records,
+                    lost_after=configured.lost_after, cap=DRY_RUN_CAP,
+                )
+            # A manual pass ignores the interval, never a pass running elsewhere.
+            state = RuntimeState(f"cli-{socket.gethostname()}-{os.getpid()}", 0)
+            report = await Pruner(store, state, dataclasses.replace(configured, interval=0.0)
+                                  ).run_once()
+            return None if report is None else {**report.pruned, "errors": report.errors,
+                                                "duration_seconds": round(report.duration, 3)}
+
+    result = trio.run(main)
+    if result is None:
+        _print("another prune pass is running; nothing done")
+        return 0
+    if args.json:
+        _print(json.dumps({"dry_run": args.dry_run, **result}))
+        return 0
+    if args.dry_run:
+        _print("a prune pass would now:")
+        def rows(kind: str) -> str:
+            n = result[kind]
+            return f"at least {n}" if n >= DRY_RUN_CAP else str(n)
+
+        _print(f"  delete {rows('done')} DONE rows acknowledged over {configured.retain_done:.0f}s "
+               "ago, with their ledger rows")
+        _print(f"  delete {rows('dead')} DEAD rows dead for over {configured.retain_dead:.0f}s, "
+               "with their ledger rows")
+        _print(f"  mark {result['lost']} workers lost (no beat for over {configured.lost_after:.0f}s)")
+        _print(f"  delete {result['workers']} exited or lost workers' rows "
+               f"(last beat over {configured.retain_workers:.0f}s ago)")
+        _print(f"  delete {result['reconcile_passes']} reconcile passes, {result['prune_passes']} "
+               f"prune passes and {result['handovers']} hand-overs older than "
+               f"{configured.retain_records:.0f}s")
+        return 0
+    errors = result.pop("errors")
+    took = result.pop("duration_seconds")
+    _print(f"pruned in {took}s: " + ", ".join(f"{k} {v}" for k, v in result.items()))
+    for error in errors:
+        _print(f"  error: {error}")
+    return 1 if errors else 0
+
+
 def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
-    from .rollout import ProcessTarget, docker_commands, rollout_docker, rollout_process
+    from .records import Check, RolloutPlan, preflight, render_record, staging_gate
+    from .rollout import (
+        ProcessTarget,
+        docker_commands,
+        rollout_docker,
+        rollout_process,
+    )
 
     if args.target == "docker" and not args.image:
         raise ConfigurationError("--target docker needs --image")
+    deployed_by = args.deployed_by or getpass.getuser()
+
+    async def write_record(store: Any, rollout_id: int) -> None:
+        if args.record is not None:
+            args.record.parent.mkdir(parents=True, exist_ok=True)
+            args.record.write_text(render_record(await store.rollout_record(rollout_id)), "utf-8")
+            _print(f"deploy record written to {args.record}")
+
+    async def refuse(store: Any, plan: RolloutPlan, generation: int | None, reason: str) -> None:
+        row = await store.record_refused(
+            generation, args.target, environment=plan.environment, reference=plan.reference,
+            deployed_by=deployed_by, reason=reason, checks=[c.as_dict() for c in plan.checks])
+        await write_record(store, int(row["id"]))
+        raise RolloutRefusedError(reason)  # the one error line is the log of it
 
     async def main() -> RolloutResult:
-        async with open_database(url, pool_size=2) as store:
+        async with _open(url, settings, 2) as store:
             generation = settings.generation
             if generation is not None and args.reference:
                 raise ConfigurationError("give --generation or --reference, not both")
             if generation is None and args.dry_run:
                 raise ConfigurationError(
                     "--dry-run allocates nothing: give the generation with --generation N")
+            if generation is None and not args.reference:
+                raise ConfigurationError(
+                    "give --generation N (an allocated generation) or --reference REF"
+                )
+            if generation is not None and not await store.generation_exists(generation):
+                raise NoGenerationError(f"generation {generation} is not in core.deployments")
+            reference = args.reference or (
+                await store.generation_reference(generation) if generation is not None else None) or ""
+            plan = RolloutPlan(settings.environment, reference, deployed_by)
+            if not args.dry_run:
+                gate = await staging_gate(
+                    settings.environment, reference, record=args.staging_record,
+                    database_url=args.staging_database_url, override=args.override_staging_gate)
+                plan.staging_evidence, plan.override_reason = gate.evidence, gate.override_reason
+                if gate.check is not None:
+                    plan.checks.append(gate.check)
+                if gate.override_reason:
+                    logging.getLogger("spectral.rollout").warning(
+                        "staging gate overridden: %s", gate.override_reason)
+                if not gate.passed:
+                    await refuse(store, plan, generation, gate.refusal)
+                check, lines = await preflight(store, generation, settings.heartbeat_stale_after)
+                for line in lines:
+                    _print(f"pre-flight: {line}")
+                if not check.passed and not args.yes:
+                    plan.checks.append(check)
+                    await refuse(store, plan, generation,
+                                 f"pre-flight: {check.detail} in the old generations; cut over "
+                                 "in a quiet window or give --yes")
+                plan.checks.append(check if check.passed else
+                                   Check("preflight", False, f"{check.detail}; confirmed with --yes"))
             if generation is None:
-                if not args.reference:
-                    raise ConfigurationError(
-                        "give --generation N (an allocated generation) or --reference REF"
-                    )
-                row = await store.allocate_generation(args.reference, args.deployed_by, args.tag)
+                row = await store.allocate_generation(args.reference, deployed_by, args.tag)
                 generation = int(row["generation"])
                 _print(f"allocated generation {generation}")
-            elif not await store.generation_exists(generation):
-                raise NoGenerationError(f"generation {generation} is not in core.deployments")
+            result = await _roll(store, generation, plan)
+            if result.rollout_id is not None:
+                await write_record(store, result.rollout_id)
+            return result
+
+    async def _roll(store: Any, generation: int, plan: RolloutPlan) -> RolloutResult:
             if args.target == "process":
                 target = ProcessTarget(
                     app=args.app, pidfile=args.pidfile or settings.data_dir / "spectral.pid",
                     log_dir=settings.data_dir / "logs", port=args.new_port,
-                    extra_env={} if not settings.database_url else {
-                        "SPECTRAL_DATABASE_URL": settings.database_url},
+                    extra_env=_child_database_env(settings, url),
                 )
-                if not settings.database_url:
-                    target.extra_env["SPECTRAL_DATABASE_URL"] = url
+                smoke_wait = (2 * settings.reconcile_interval + 5 if args.smoke_wait is None
+                              else args.smoke_wait)
                 return await rollout_process(
                     store, target, generation, health_timeout=args.health_timeout,
-                    drain_wait=settings.drain_timeout + 10, say=_print,
+                    drain_wait=settings.drain_timeout + 10, plan=plan, smoke_wait=smoke_wait,
+                    say=_print,
                 )
             commands = docker_commands(
                 image=args.image, name=args.name, generation=generation,
@@ -351,28 +573,65 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
             return await rollout_docker(
                 store, commands, generation, health_timeout=args.health_timeout,
                 old_container=args.old_container, new_container=f"{args.name}-g{generation}",
-                dry_run=args.dry_run, say=_print,
+                dry_run=args.dry_run, plan=plan, say=_print,
             )
 
     result = trio.run(main)
+    for check in result.checks if not args.json else ():
+        _print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
     if args.json:
         _print(json.dumps(result.as_dict()))
     elif result.status == "success":
         _print(f"success: generation {result.generation} serving ({result.new_process})")
     elif result.status == "rolled_back":
         _print(f"rolled back: {result.reason}")
+
     return 1 if result.status == "rolled_back" else 0
+
+
+def _child_database_env(settings: Settings, url: str) -> dict[str, str]:
+    """How the new process finds the database: the URL file when one was given (the
+    child then reads the same file; the URL and its file together would be refused),
+    else the URL in its environment (never on its command line)."""
+    if settings.database_url_file is not None:
+        return {"SPECTRAL_DATABASE_URL_FILE": str(settings.database_url_file.resolve())}
+    return {"SPECTRAL_DATABASE_URL": url}
 
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings, url: str) -> int:
     if args.deploy_command == "rollout":
         return cmd_rollout(args, settings, url)
+    if args.deploy_command == "history":
+        return cmd_history(args, settings, url)
     return cmd_allocate(args, settings, url)
+
+
+def cmd_history(args: argparse.Namespace, settings: Settings, url: str) -> int:
+    async def main() -> list[dict[str, Any]]:
+        async with open_database(url, pool_size=1) as store:
+            return await store.deploy_history(args.history_environment, args.limit)
+
+    rows = trio.run(main)
+    if args.json:
+        _print(json.dumps(rows, default=str, indent=2))
+        return 0
+    _print(f"{'id':>5}  {'environment':<12} {'verdict':<12} {'gen':>4}  {'target':<8} "
+           f"{'finished (UTC)':<19}  {'checks':<7} {'by':<10} reference")
+    for r in rows:
+        passed = sum(1 for c in r["checks"] if c["result"] == "PASS")
+        counted = f"{passed}/{len(r['checks'])}"
+        finished = r["finished_at"] or r["started_at"]
+        _print(f"{r['id']:>5}  {r['environment'] or '-':<12} {r['verdict'] or r['status']:<12} "
+               f"{r['generation'] if r['generation'] is not None else '-':>4}  {r['target']:<8} "
+               f"{finished:%Y-%m-%d %H:%M:%S}  {counted:<7} "
+               f"{r['deployed_by'] or '-':<10} {r['reference'] or '-'}"
+               + (f"  override: {r['override_reason']}" if r["override_reason"] else ""))
+    return 0
 
 
 def cmd_allocate(args: argparse.Namespace, settings: Settings, url: str) -> int:
     async def main() -> dict[str, Any]:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             return await store.allocate_generation(args.reference, args.deployed_by, args.tag)
 
     row = trio.run(main)
@@ -398,7 +657,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings, url: str) -> int
     action = args.reconcile_command
 
     async def main() -> tuple[bool | None, dict[str, Any] | None]:
-        async with open_database(url, pool_size=1) as store:
+        async with _open(url, settings) as store:
             if action != "status":
                 await store.set_reconcile_enabled(
                     {"on": True, "off": False, "default": None}[action]
@@ -423,6 +682,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, str], int]] = {
     "publish": cmd_publish,
     "requeue": cmd_requeue,
     "inspect": cmd_inspect,
+    "prune": cmd_prune,
     "deploy": cmd_deploy,
     "reconcile": cmd_reconcile,
 }
@@ -444,12 +704,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     secrets: tuple[str, ...] = ()
     try:
         settings = _load_settings(args)
-        if settings.database_url:
-            secrets = tuple(s for s in (password_of(settings.database_url),) if s)
+        secrets = settings.secrets()
         logs.configure(settings.log_format, settings.log_level, secrets)
         if args.command == "db":
             return cmd_db(args, settings)
-        url = resolve_url(settings.database_url, settings.data_dir)
+        given = settings.database_url.reveal() if settings.database_url else None
+        url = resolve_url(given, settings.data_dir)
         if not settings.database_url:
             logging.getLogger("spectral").info("database: %s", redact(url))
         return COMMANDS[args.command](args, settings, url)

@@ -9,6 +9,7 @@ parsed and validated once, at start, into a frozen :class:`Settings`; a bad valu
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -35,6 +36,44 @@ ENVIRONMENTS = ("development", "test", "staging", "production")
 #: STALE_BEATS of its own intervals, while the worker fences itself after FENCE_BEATS.
 STALE_BEATS = 2.0
 FENCE_BEATS = 1.5
+
+
+class Secret:
+    """A secret setting (a password-bearing URL, a token) that never prints.
+
+    ``repr``, ``str`` and ``format`` show ``***``; :meth:`reveal` returns the value, for
+    the one place that hands it to the driver or compares it.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __format__(self, spec: str) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(
+            self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> Any:  # pickling would write the value out
+        raise TypeError("a Secret cannot be pickled")
+
+
+POOLERS = ("none", "session", "transaction")
 
 
 def _positive_int(raw: str) -> int:
@@ -109,6 +148,29 @@ def _url(raw: str) -> str | None:
     return raw
 
 
+def _secret_url(raw: str) -> Secret | None:
+    value = _url(raw)
+    return None if value is None else Secret(value)
+
+
+def _optional_port(raw: str) -> int | None:
+    return None if raw.strip() == "" else _port(raw)
+
+
+def _pooler(raw: str) -> str:
+    if raw not in POOLERS:
+        raise ValueError(f"must be one of {', '.join(POOLERS)}")
+    return raw
+
+
+def _role(raw: str) -> str | None:
+    if raw.strip() == "":
+        return None
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]{0,62}", raw):
+        raise ValueError("must be a role name (letters, digits, _ and $; at most 63)")
+    return raw
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -116,13 +178,13 @@ def _port(raw: str) -> int:
     return value
 
 
-def _token(raw: str) -> str | None:
+def _token(raw: str) -> Secret | None:
     value = raw.strip()
     if not value:
         return None
     if len(value) < 16:
         raise ValueError("must be at least 16 characters")
-    return value
+    return Secret(value)
 
 
 def _optional_path(raw: str) -> Path | None:
@@ -135,6 +197,14 @@ def _retire_policy(raw: str) -> str:
     return raw
 
 
+def _reason(exc: ValueError) -> str:
+    """A parser's message (ours never echo the value); int()/float()'s own become one line."""
+    reason = str(exc)
+    if "invalid literal" in reason or "could not convert" in reason:
+        return "is not a number"
+    return reason
+
+
 def _setting(
     env: str,
     default: Any,
@@ -143,8 +213,10 @@ def _setting(
     *,
     also: tuple[str, ...] = (),
     secret: bool = False,
+    flag: bool = True,
 ) -> Any:
-    meta = {"env": env, "parse": parse, "help": help, "also": also, "secret": secret}
+    meta = {"env": env, "parse": parse, "help": help, "also": also, "secret": secret,
+            "flag": flag}
     return field(default=default, metadata=meta)
 
 
@@ -152,10 +224,15 @@ def _setting(
 class Settings:
     """Spectral's validated settings. Units are in each field's help."""
 
-    database_url: str | None = _setting(
-        "SPECTRAL_DATABASE_URL", None, _url,
-        "PostgreSQL URL; unset starts an embedded server under the data dir",
+    database_url: Secret | None = _setting(
+        "SPECTRAL_DATABASE_URL", None, _secret_url,
+        "PostgreSQL URL; unset starts an embedded server under the data dir "
+        "(the flag refuses a URL with a password: it would show in ps)",
         also=("DATABASE_URL",), secret=True,
+    )
+    database_url_file: Path | None = _setting(
+        "SPECTRAL_DATABASE_URL_FILE", None, _optional_path,
+        "file whose first line is the PostgreSQL URL (read at start; for URLs with a password)",
     )
     data_dir: Path = _setting(
         "SPECTRAL_DATA_DIR", Path(".spectral"), Path,
@@ -248,20 +325,56 @@ class Settings:
     reaper_enabled: bool = _setting(
         "SPECTRAL_REAPER_ENABLED", True, _bool, "kill switch of the reaper",
     )
+    prune_enabled: bool = _setting(
+        "SPECTRAL_PRUNE_ENABLED", True, _bool,
+        "kill switch of the pruner (retention of finished rows and old records)",
+    )
+    prune_interval: float = _setting(
+        "SPECTRAL_PRUNE_INTERVAL", 60.0, _seconds,
+        "seconds between prune passes (one pass at a time across all workers)",
+    )
+    prune_batch: int = _setting(
+        "SPECTRAL_PRUNE_BATCH", 1000, _positive_int, "rows deleted per pruning statement",
+    )
+    retain_done: float = _setting(
+        "SPECTRAL_RETAIN_DONE", 86_400.0, _seconds,
+        "seconds a DONE row and its ledger rows are kept after the acknowledgement",
+    )
+    retain_dead: float = _setting(
+        "SPECTRAL_RETAIN_DEAD", 1_209_600.0, _seconds,
+        "seconds a DEAD row and its ledger rows are kept after it became DEAD (14 days)",
+    )
+    retain_workers: float = _setting(
+        "SPECTRAL_RETAIN_WORKERS", 604_800.0, _seconds,
+        "seconds an exited or lost worker's row is kept after its last beat (7 days)",
+    )
+    retain_records: float = _setting(
+        "SPECTRAL_RETAIN_RECORDS", 2_592_000.0, _seconds,
+        "seconds reconcile passes, prune passes and hand-overs are kept (30 days)",
+    )
+    worker_lost_after: float = _setting(
+        "SPECTRAL_WORKER_LOST_AFTER", 3_600.0, _seconds,
+        "seconds without a heartbeat before a stale worker is marked lost (its verdict ends)",
+    )
     http_host: str = _setting(
         "SPECTRAL_HTTP_HOST", "127.0.0.1", str, "address the HTTP server binds",
     )
     http_port: int = _setting(
         "SPECTRAL_HTTP_PORT", 8080, _port, "HTTP port; 0 picks a free one (the log names it)",
     )
-    detail_token: str | None = _setting(
+    detail_token: Secret | None = _setting(
         "SPECTRAL_DETAIL_TOKEN", None, _token,
-        "bearer token for GET /version/detail; unset (and no token file) means 404",
-        secret=True,
+        "bearer token for GET /version/detail; unset (and no token file) means 404 "
+        "(no flag: use the variable or --detail-token-file)",
+        secret=True, flag=False,
     )
     detail_token_file: Path | None = _setting(
         "SPECTRAL_DETAIL_TOKEN_FILE", None, _optional_path,
         "file holding the /version/detail token (read at start)",
+    )
+    ui_session_ttl: float = _setting(
+        "SPECTRAL_UI_SESSION_TTL", 3600.0, _seconds,
+        "seconds a dashboard (/ui) login lasts before the session expires",
     )
     version_file: Path = _setting(
         "SPECTRAL_VERSION_FILE", Path("/app/version.json"), Path,
@@ -272,6 +385,39 @@ class Settings:
     )
     log_level: str = _setting(
         "SPECTRAL_LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR",
+    )
+    # --- least privilege, poolers and the operator endpoints (issue 13) ---------------
+    pooler: str = _setting(
+        "SPECTRAL_POOLER", "none", _pooler,
+        "what SPECTRAL_DATABASE_URL reaches: none (PostgreSQL), session or transaction "
+        "(a PgBouncer-style pooler in that mode)",
+    )
+    listen_database_url: Secret | None = _setting(
+        "SPECTRAL_LISTEN_DATABASE_URL", None, _secret_url,
+        "direct PostgreSQL URL for LISTEN when SPECTRAL_DATABASE_URL is a transaction pooler "
+        "(unset there: poll only)",
+        secret=True,
+    )
+    listen_database_url_file: Path | None = _setting(
+        "SPECTRAL_LISTEN_DATABASE_URL_FILE", None, _optional_path,
+        "file whose first line is SPECTRAL_LISTEN_DATABASE_URL (read at start)",
+    )
+    handler_role: str | None = _setting(
+        "SPECTRAL_HANDLER_ROLE", None, _role,
+        "role handlers' SQL runs as (SET LOCAL ROLE after Spectral's own statements); "
+        "unset: the worker's role",
+    )
+    ops_host: str = _setting(
+        "SPECTRAL_OPS_HOST", "127.0.0.1", str,
+        "address of the separate /queue and /metrics listener (with SPECTRAL_OPS_PORT)",
+    )
+    ops_port: int | None = _setting(
+        "SPECTRAL_OPS_PORT", None, _optional_port,
+        "serve /queue and /metrics on this port only (0 picks one); unset: on the HTTP port",
+    )
+    ops_token_required: bool = _setting(
+        "SPECTRAL_OPS_TOKEN_REQUIRED", False, _bool,
+        "/queue and /metrics need the detail token as a bearer token",
     )
 
     #: The settings given by a variable or a flag (not defaults), filled by :meth:`load`.
@@ -309,6 +455,11 @@ class Settings:
                 f"SPECTRAL_CLAIM_TTL ({self.claim_ttl:g}s) must be larger than "
                 f"SPECTRAL_HANDLER_MAX + SPECTRAL_DRAIN_TIMEOUT + SPECTRAL_HEARTBEAT_INTERVAL "
                 f"({needed:g}s)"
+            )
+        if self.worker_lost_after <= self.heartbeat_stale_after:
+            raise ConfigurationError(
+                f"SPECTRAL_WORKER_LOST_AFTER ({self.worker_lost_after:g}s) must be larger than "
+                f"two heartbeat intervals ({self.heartbeat_stale_after:g}s)"
             )
         if self.retry_base > self.retry_max:
             raise ConfigurationError("SPECTRAL_RETRY_BASE must not exceed SPECTRAL_RETRY_MAX")
@@ -359,11 +510,64 @@ class Settings:
                 values[f.name] = meta["parse"](raw)
             except ValueError as exc:
                 shown = "<redacted>" if meta["secret"] else repr(raw)
-                reason = str(exc)  # our parsers' messages never echo the value
-                if "invalid literal" in reason or "could not convert" in reason:
-                    reason = "is not a number"
+                reason = _reason(exc)
                 raise ConfigurationError(f"{source}: {reason} (got {shown})") from None
+        for name in ("database_url", "listen_database_url"):
+            path = values.get(name + "_file")
+            if path is None:
+                continue
+            if name in values:
+                variable = "SPECTRAL_" + name.upper()
+                raise ConfigurationError(f"give {variable} or {variable}_FILE, not both")
+            values[name] = _url_from_file(name, path)
         return cls(**values, explicit=frozenset(values))
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, object], base: Settings | None = None) -> Settings:
+        """``base`` (default: the defaults) with Python values for some settings, each
+        checked by the same parser as its variable (``spectral.testing.running``).
+
+        Raises:
+            ConfigurationError: an unknown name or a bad value; the message names it.
+        """
+        known = {f.name: f for f in cls.fields()}
+        parsed: dict[str, Any] = {}
+        for name, value in values.items():
+            f = known.get(name)
+            if f is None:
+                raise ConfigurationError(
+                    f"unknown setting {name!r} (the settings are: {', '.join(sorted(known))})"
+                )
+            if isinstance(value, bool) and f.type not in ("bool", bool):
+                raise ConfigurationError(f"{name}: must not be a bool (got {value!r})")
+            raw = "" if value is None else str(value)
+            try:
+                parsed[name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                reason = _reason(exc)
+                shown = "<redacted>" if f.metadata["secret"] else repr(value)
+                raise ConfigurationError(f"{name}: {reason} (got {shown})") from None
+        base = base or cls()
+        return dataclasses.replace(base, **parsed, explicit=base.explicit | frozenset(parsed))
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every configured secret string, for the log and error scrubber: the URLs'
+        passwords and the detail token (from the variable or its file)."""
+        from .db.urls import password_of
+
+        found: list[str] = []
+        for url in (self.database_url, self.listen_database_url):
+            if url is not None:
+                password = password_of(url.reveal())
+                if password:
+                    found.append(password)
+        try:
+            token = self.resolved_detail_token()
+        except ConfigurationError:
+            token = None
+        if token:
+            found.append(token)
+        return tuple(found)
 
     def resolved_detail_token(self) -> str | None:
         """The /version/detail token: the variable, else the token file's first line.
@@ -372,7 +576,7 @@ class Settings:
             ConfigurationError: the token file cannot be read or holds a short token.
         """
         if self.detail_token:
-            return self.detail_token
+            return self.detail_token.reveal()
         if self.detail_token_file is None:
             return None
         try:
@@ -382,9 +586,26 @@ class Settings:
                 f"SPECTRAL_DETAIL_TOKEN_FILE: cannot read {self.detail_token_file} ({exc.strerror})"
             ) from None
         try:
-            return _token(text)
+            token = _token(text)
         except ValueError as exc:
             raise ConfigurationError(f"SPECTRAL_DETAIL_TOKEN_FILE: the token {exc}") from None
+        return None if token is None else token.reveal()
 
     def with_changes(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _url_from_file(name: str, path: Path) -> Secret | None:
+    """The URL on the first line of ``path``; errors name the variable, never the URL."""
+    variable = "SPECTRAL_" + name.upper() + "_FILE"
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigurationError(f"{variable}: cannot read {path} ({exc.strerror})") from None
+    try:
+        value = _secret_url(lines[0].strip() if lines else "")
+    except ValueError as exc:
+        raise ConfigurationError(f"{variable}: the URL in {path} {exc}") from None
+    if value is None:
+        raise ConfigurationError(f"{variable}: {path} is empty")
+    return value

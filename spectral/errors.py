@@ -74,3 +74,7 @@ class ReconnectBudgetExhaustedError(SpectralError):
 
 class AppLoadError(SpectralError):
     """``MODULE:APP`` could not be imported or does not name a :class:`spectral.App`."""
+
+
+class RolloutRefusedError(SpectralError):
+    """The staging gate or the pre-flight refused a rollout (recorded as REFUSED)."""

@@ -8,8 +8,11 @@ The flow of the deploy hook in the deploy log, for two targets:
   and exits); otherwise the new one is stopped and the old keeps serving.
 - ``docker``: the same flow as docker commands (run, inspect health, stop).
 
-One rollout at a time per database (an advisory lock held for the whole rollout), and
-every outcome is recorded in core.rollouts.
+One rollout at a time per database (a transaction-scoped advisory lock held by a
+transaction open for the whole rollout, safe behind a transaction pooler), and every
+outcome is a deploy record (:mod:`spectral.records`) in core.rollouts and, when asked,
+in a file. Before anything starts, production rollouts pass the staging gate and every
+rollout passes the pre-flight (no claimed work in the old generations, or ``--yes``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,9 @@ import trio
 
 from .db import Connection, Store
 from .db._queries import DEPLOYMENTS
+from .errors import RolloutRefusedError as RolloutRefusedError
 from .errors import SpectralError
+from .records import Check, RolloutPlan
 
 
 class RolloutLockedError(SpectralError):
@@ -40,15 +46,17 @@ class RolloutLockedError(SpectralError):
 @dataclass
 class RolloutResult:
     generation: int
-    status: str  # "success" or "rolled_back"
+    status: str  # "success", "rolled_back" or "dry_run"
     reason: str
     new_process: str | None
     old_process: str | None
-    log: list[str] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    rollout_id: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"generation": self.generation, "status": self.status, "reason": self.reason,
-                "new_process": self.new_process, "old_process": self.old_process}
+                "new_process": self.new_process, "old_process": self.old_process,
+                "checks": [c.as_dict() for c in self.checks]}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -57,13 +65,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def health_ok(url: str) -> bool:
+def get_json(url: str) -> tuple[int, Any]:
+    """GET ``url``: (status, parsed JSON body); (0, None) when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200
-                        and json.loads(response.read()).get("status") == "ok")
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), None
     except (OSError, ValueError, urllib.error.URLError):
-        return False
+        return 0, None
+
+
+def health_ok(url: str) -> bool:
+    status, body = get_json(url)
+    return status == 200 and isinstance(body, dict) and body.get("status") == "ok"
 
 
 def pid_alive(pid: int) -> bool:
@@ -152,7 +167,8 @@ def docker_commands(
 
 async def _lock(store: Store) -> Connection:
     conn = await store.connect("spectral-rollout")
-    if not await conn.fetchval(DEPLOYMENTS.try_deploy_lock):
+    # Held by a transaction left open until the connection closes (see the query).
+    if not await conn.begin_and_fetchval(DEPLOYMENTS.try_deploy_lock):
         await conn.aclose()
         raise RolloutLockedError(
             "another rollout holds this database's deploy lock; wait for it to finish"
@@ -160,21 +176,61 @@ async def _lock(store: Store) -> Connection:
     return conn
 
 
+async def smoke_checks(
+    base_url: str, *, started_at: datetime, wait: float, say: Any = print,
+) -> list[Check]:
+    """The deploy log's post-deploy smoke, against the new process before the cut-over.
+
+    ``/queue`` must carry the reconcile block, and the reconciler must run: its block says
+    enabled and a pass began (on any worker: they share one pass per interval) after
+    ``started_at``, within ``wait`` seconds.
+    """
+    status, body = await trio.to_thread.run_sync(get_json, base_url + "/queue")
+    block = body.get("reconcile") if isinstance(body, dict) else None
+    checks = [Check("queue_reconcile_block", status == 200 and isinstance(block, dict),
+                    f"GET /queue {status}, reconcile block "
+                    + ("present" if isinstance(block, dict) else "missing"))]
+    if not isinstance(block, dict):
+        checks.append(Check("reconciler_runs", False, "no reconcile block to read"))
+        return checks
+    if not block.get("enabled"):
+        checks.append(Check("reconciler_runs", False, "the reconciler is switched off"))
+        return checks
+    say(f"waiting up to {wait:g}s for a reconcile pass")
+    deadline = trio.current_time() + wait
+    while True:
+        last = (block or {}).get("last_pass") or {}
+        begun = last.get("started_at")
+        if begun is not None and datetime.fromisoformat(begun) >= started_at:
+            checks.append(Check("reconciler_runs", True,
+                                f"pass at {begun} by {last.get('worker_id')}"))
+            return checks
+        if trio.current_time() >= deadline:
+            checks.append(Check("reconciler_runs", False,
+                                f"no reconcile pass within {wait:g}s"))
+            return checks
+        await trio.sleep(0.5)
+        _, body = await trio.to_thread.run_sync(get_json, base_url + "/queue")
+        block = body.get("reconcile") if isinstance(body, dict) else None
+
+
 async def rollout_process(
     store: Store, target: ProcessTarget, generation: int, *, health_timeout: float,
-    drain_wait: float, say: Any = print,
+    drain_wait: float, plan: RolloutPlan, smoke_wait: float, say: Any = print,
 ) -> RolloutResult:
-    """Roll out ``generation`` as a new process; cut over on health, else roll back."""
+    """Roll out ``generation`` as a new process; cut over on health and smoke, else roll back."""
     lock = await _lock(store)
     try:
         old = target.old_pid()
-        rollout_id = await store.fetchval(
-            DEPLOYMENTS.begin_rollout, generation, "process", None if old is None else str(old))
+        rollout_id, started_at = await store.begin_record(
+            generation, "process", None if old is None else str(old), **plan.begin_fields())
         proc, health_url = target.start(generation)
         say(f"started generation {generation} as pid {proc.pid}; polling {health_url} "
             f"for up to {health_timeout:g}s")
+        checks = list(plan.checks)
         reason = ""
-        deadline = trio.current_time() + health_timeout
+        began = trio.current_time()
+        deadline = began + health_timeout
         healthy = False
         while trio.current_time() < deadline:
             code = proc.poll()
@@ -187,12 +243,26 @@ async def rollout_process(
             await trio.sleep(0.5)
         else:
             reason = f"/health did not answer 200 within {health_timeout:g}s"
+        checks.append(Check("health", healthy, f"GET /health 200 after {trio.current_time() - began:.1f}s"
+                            if healthy else reason))
+        if healthy:
+            smoke = await smoke_checks(health_url.removesuffix("/health"), started_at=started_at,
+                                       wait=smoke_wait, say=say)
+            checks += smoke
+            failed = [c.name for c in smoke if not c.passed]
+            if failed:
+                healthy = False
+                reason = "smoke checks failed: " + ", ".join(failed)
         if healthy:
             if old is not None:
                 say(f"healthy; SIGTERM to the old process {old} (it drains)")
                 os.kill(old, signal.SIGTERM)
-                if not await wait_exit(old, drain_wait):
+                drained = await wait_exit(old, drain_wait)
+                if not drained:
                     say(f"warning: the old process {old} is still draining after {drain_wait:g}s")
+                checks.append(Check("old_generation_drained", drained,
+                                    f"pid {old} exited" if drained
+                                    else f"pid {old} still draining after {drain_wait:g}s"))
             target.pidfile.parent.mkdir(parents=True, exist_ok=True)
             target.pidfile.write_text(f"{proc.pid}\n")
             result = RolloutResult(generation, "success", "healthy", str(proc.pid),
@@ -207,18 +277,32 @@ async def rollout_process(
             kept = f"; pid {old} keeps serving" if old is not None else ""
             result = RolloutResult(generation, "rolled_back", reason + kept, str(proc.pid),
                                    None if old is None else str(old))
-        await store.fetchval(DEPLOYMENTS.finish_rollout, rollout_id, result.status,
-                             result.reason, result.new_process)
+        result.checks, result.rollout_id = checks, rollout_id
+        await _finish(store, rollout_id, result)
         return result
     finally:
         await lock.aclose()
 
 
+async def _finish(store: Store, rollout_id: int, result: RolloutResult) -> None:
+    await store.finish_record(
+        rollout_id, status=result.status, reason=result.reason, new_process=result.new_process,
+        verdict="SUCCESS" if result.status == "success" else "ROLLED_BACK",
+        checks=[c.as_dict() for c in result.checks],
+        migrations=await store.migrations_since_previous_rollout(rollout_id),
+    )
+
+
 async def rollout_docker(
     store: Store, commands: dict[str, list[list[str]]], generation: int, *, health_timeout: float,
-    old_container: str | None, new_container: str, dry_run: bool, say: Any = print,
+    old_container: str | None, new_container: str, dry_run: bool, plan: RolloutPlan,
+    say: Any = print,
 ) -> RolloutResult:
-    """The docker flow; with ``dry_run`` it prints the commands and records nothing."""
+    """The docker flow; with ``dry_run`` it prints the commands and records nothing.
+
+    The smoke checks need the new container's address, which docker picks: this flow
+    records the health check only.
+    """
     if dry_run:
         for phase, cmds in commands.items():
             for cmd in cmds:
@@ -226,7 +310,8 @@ async def rollout_docker(
         return RolloutResult(generation, "dry_run", "commands printed", new_container, old_container)
     lock = await _lock(store)
     try:
-        rollout_id = await store.fetchval(DEPLOYMENTS.begin_rollout, generation, "docker", old_container)
+        rollout_id, _ = await store.begin_record(generation, "docker", old_container,
+                                                 **plan.begin_fields())
 
         def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -246,9 +331,10 @@ async def rollout_docker(
                 await trio.sleep(1)
         for cmd in commands["cutover" if status == "success" else "rollback"]:
             await trio.to_thread.run_sync(run, cmd)
-        await store.fetchval(DEPLOYMENTS.finish_rollout, rollout_id, status, reason, new_container)
-        return RolloutResult(generation, status, reason, new_container, old_container)
+        result = RolloutResult(generation, status, reason, new_container, old_container,
+                               [*plan.checks, Check("health", status == "success", reason)],
+                               rollout_id)
+        await _finish(store, rollout_id, result)
+        return result
     finally:
         await lock.aclose()
-
-

@@ -8,6 +8,7 @@ listener      reconnects with backoff (poll-only meanwhile); past the budget, fa
 claimer       reconnects with backoff; past the budget, fails; on drain, finishes & returns
 reaper        a failed pass is logged and the next runs on schedule
 reconciler    a failed sweep or pass is logged and the next runs on schedule
+pruner        a failed pass (or kind) is logged and the next runs on schedule
 user actors   restarted with backoff (1 s doubling to 60 s)
 ============  ==========================================================================
 
@@ -38,12 +39,13 @@ import trio
 from .actors.claimer import Claimer
 from .actors.heartbeat import Heartbeat
 from .actors.listener import OutboxListener
+from .actors.pruner import Pruner, PruneSettings
 from .actors.reaper import Reaper
 from .actors.reconciler import Reconciler, ReconcileSettings
 from .actors.user import ActorSupervisor
 from .app import App
 from .config import Settings
-from .db import Store, applied_versions, migrate, open_database, shipped
+from .db import Store, applied_versions, latest_version, migrate, open_database, shipped
 from .db._queries import OBSERVE
 from .errors import ConfigurationError, NoGenerationError, SchemaNotReadyError
 from .metrics import Metrics
@@ -84,6 +86,19 @@ async def ensure_schema(url: str, settings: Settings) -> None:
     raise SchemaNotReadyError(
         f"the database lacks {len(missing)} migrations: run 'spectral migrate' first"
     )
+
+
+async def check_handler_role(store: Store, role: str) -> None:
+    """Refuse to start when turns could not switch to SPECTRAL_HANDLER_ROLE (every turn
+    would fail and its event end DEAD)."""
+    usable = await store.can_set_role(role)
+    if usable is None:
+        raise ConfigurationError(f"SPECTRAL_HANDLER_ROLE: role {role!r} does not exist")
+    if not usable:
+        raise ConfigurationError(
+            f"SPECTRAL_HANDLER_ROLE: the worker's login role is not a member of {role!r} "
+            f"(GRANT {role} TO <the worker's login role>)"
+        )
 
 
 async def resolve_generation(store: Store, settings: Settings) -> int:
@@ -210,6 +225,15 @@ def reconcile_settings(settings: Settings) -> ReconcileSettings:
     )
 
 
+def prune_settings(settings: Settings) -> PruneSettings:
+    return PruneSettings(
+        enabled=settings.prune_enabled, interval=settings.prune_interval,
+        batch=settings.prune_batch, retain_done=settings.retain_done,
+        retain_dead=settings.retain_dead, retain_workers=settings.retain_workers,
+        retain_records=settings.retain_records, lost_after=settings.worker_lost_after,
+    )
+
+
 async def run_workers(
     app: App, settings: Settings, store: Store, state: RuntimeState,
     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -229,18 +253,30 @@ async def run_workers(
                       reconnect_budget=settings.reconnect_budget,
                       environment=settings.environment, service=app.service).run
         )
-        if settings.listen_enabled:
+        if settings.listen_enabled and store.can_listen:
             await background.start(
                 OutboxListener(store, state, reconnect_budget=settings.reconnect_budget).listen
             )
+        elif settings.listen_enabled:
+            state.listener_mode = "poll-only"
+            state.listener_note = ("SPECTRAL_POOLER=transaction without "
+                                   "SPECTRAL_LISTEN_DATABASE_URL: LISTEN does not stick")
+            log.warning("%s; no NOTIFY wake-ups, polling every %gs", state.listener_note,
+                        settings.poll_interval, extra={"worker_id": state.worker_id})
         else:
             state.listener_mode = "poll-only"
+            state.listener_note = "SPECTRAL_LISTEN_ENABLED=false"
             log.warning("SPECTRAL_LISTEN_ENABLED=false: no NOTIFY wake-ups, polling only")
         if settings.reaper_enabled:
             await background.start(Reaper(store, state, interval=settings.reap_interval).run)
         else:
             log.warning("SPECTRAL_REAPER_ENABLED=false: lapsed claims are not reaped here")
         await background.start(Reconciler(store, state, app, reconcile_settings(settings)).run)
+        pruner = Pruner(store, state, prune_settings(settings))
+        if settings.prune_enabled:
+            await background.start(pruner.run)
+        else:
+            log.warning("SPECTRAL_PRUNE_ENABLED=false: finished rows are not pruned here")
         for spec in app.actors:
             await background.start(
                 ActorSupervisor(spec, store, state,
@@ -268,8 +304,11 @@ async def _http_server(
         service=app.service, environment=settings.environment,
         deployed_at=None if deployed_at is None else deployed_at.isoformat(),
         detail_token=token, host=settings.http_host, port=settings.http_port,
-        drain_budget=settings.drain_timeout, workers=workers, schema_version=len(shipped()),
-        listen_enabled=settings.listen_enabled,
+        drain_budget=settings.drain_timeout, workers=workers, schema_version=latest_version(),
+        listen_enabled=settings.listen_enabled and store.can_listen, dashboard_store=store,
+        ui_session_ttl=settings.ui_session_ttl, stale_after=settings.heartbeat_stale_after,
+        ops_host=settings.ops_host, ops_port=settings.ops_port,
+        ops_token_required=settings.ops_token_required,
     )
 
 
@@ -278,48 +317,99 @@ async def _api_only(state: RuntimeState) -> None:
     state.stopped.set()
 
 
+async def boot(
+    store: Store, url: str, settings: Settings, *, check_role: bool = True,
+) -> tuple[Settings, RuntimeState]:
+    """Check the schema (and, for workers, the handler role), resolve the generation and
+    build the process's state.
+
+    Returns the settings with the payload cap the database enforces (producers'
+    pre-checks use it) and a fresh :class:`RuntimeState`.
+    """
+    await ensure_schema(url, settings)
+    if check_role and settings.handler_role is not None:
+        await check_handler_role(store, settings.handler_role)
+    generation = await resolve_generation(store, settings)
+    settings = settings.with_changes(max_payload_bytes=await store.max_payload_bytes())
+    return settings, RuntimeState(make_worker_id(), generation)
+
+
+async def supervise(
+    app: App, settings: Settings, store: Store, state: RuntimeState,
+    signals: AsyncIterator[int], *, workers: bool = True, server: HttpServer | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """Run the workers and/or the HTTP server until drained; returns the exit code.
+
+    Args:
+        signals: where SIGTERM and SIGINT arrive. ``spectral worker`` passes trio's
+            signal receiver; :func:`spectral.testing.running` a channel it feeds, so a
+            test's ``sigterm()`` takes this same path.
+        server: the HTTP server to run beside the workers, if any.
+        task_status: started with the HTTP binds once every actor is running.
+
+    Cancellation:
+        Everything stops at once. With ``state.abandoned`` set (a simulated SIGKILL) the
+        claims and the worker row are left as a killed process leaves them.
+    """
+    exit = _Exit()
+    async with trio.open_nursery() as root:
+        root.start_soon(_watch_signals, signals, state, settings, root.cancel_scope, exit)
+        async with trio.open_nursery() as serving:
+            if workers:
+                await serving.start(run_workers, app, settings, store, state)
+            else:
+                serving.start_soon(_api_only, state)
+            binds: list[str] = await serving.start(server.run) if server is not None else []
+            log.info("spectral ready", extra={
+                "worker_id": state.worker_id, "generation": state.generation,
+                "service": app.service, "handlers": len(app.handlers) if workers else 0,
+                "http": " ".join(binds) or None, "pid": os.getpid(),
+            })
+            task_status.started(binds)
+        root.cancel_scope.cancel()
+    return exit.code
+
+
+def check_startup(app: App, settings: Settings, *, workers: bool = True) -> None:
+    """The checks of the settings and the app made before anything starts."""
+    if workers:
+        settings.validate_runtime()
+    app.check(settings.handler_max)
+
+
 async def serve(
     app: App, settings: Settings, url: str, *, workers: bool = True, http: bool = True
 ) -> int:
     """Run the workers and/or the HTTP server until drained; returns the exit code."""
-    if workers:
-        settings.validate_runtime()
-    app.check(settings.handler_max)
+    check_startup(app, settings, workers=workers)
     token = settings.resolved_detail_token()
+    if http and settings.ops_token_required and token is None:
+        raise ConfigurationError(
+            "SPECTRAL_OPS_TOKEN_REQUIRED=true needs SPECTRAL_DETAIL_TOKEN or "
+            "SPECTRAL_DETAIL_TOKEN_FILE (the bearer token /queue and /metrics then ask for)"
+        )
     version = load_version(settings.version_file)
-    exit = _Exit()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         watchdog = _DrainWatchdog(settings.drain_timeout + WATCHDOG_GRACE)
         watchdog.install(signal.SIGTERM, signal.SIGINT)
-        async with open_database(url, pool_size=settings.pool_size) as store:
-            await ensure_schema(url, settings)
-            generation = await resolve_generation(store, settings)
-            # Producers' pre-checks use the cap the database enforces.
-            settings = settings.with_changes(max_payload_bytes=await store.max_payload_bytes())
-            state = RuntimeState(make_worker_id(), generation)
+        listen_url = settings.listen_database_url
+        async with open_database(
+            url, pool_size=settings.pool_size, pooler=settings.pooler,
+            listen_url=None if listen_url is None else listen_url.reveal(),
+            handler_role=settings.handler_role,
+        ) as store:
+            settings, state = await boot(store, url, settings, check_role=workers)
             watchdog.state = state
-            snapshot = QueueSnapshot(store, stale_after=settings.heartbeat_stale_after)
-            metrics = Metrics(state, snapshot)
-            async with trio.open_nursery() as root:
-                root.start_soon(_watch_signals, signals, state, settings, root.cancel_scope, exit)
-                async with trio.open_nursery() as serving:
-                    if workers:
-                        await serving.start(run_workers, app, settings, store, state)
-                    else:
-                        serving.start_soon(_api_only, state)
-                    binds: list[str] = []
-                    if http:
-                        server = await _http_server(
-                            app, settings, store, state, snapshot, metrics, version, token,
-                            workers=workers,
-                        )
-                        binds = await serving.start(server.run)
-                    log.info("spectral ready", extra={
-                        "worker_id": state.worker_id, "generation": generation,
-                        "service": app.service, "handlers": len(app.handlers) if workers else 0,
-                        "http": " ".join(binds) or None, "pid": os.getpid(),
-                    })
-                root.cancel_scope.cancel()
+            server = None
+            if http:
+                snapshot = QueueSnapshot(store, stale_after=settings.heartbeat_stale_after)
+                server = await _http_server(
+                    app, settings, store, state, snapshot, Metrics(state, snapshot), version,
+                    token, workers=workers,
+                )
+            code = await supervise(app, settings, store, state, signals, workers=workers,
+                                   server=server)
     watchdog.finish()
-    log.info("exiting", extra={"exit_code": exit.code})
-    return exit.code
+    log.info("exiting", extra={"exit_code": code})
+    return code

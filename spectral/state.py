@@ -47,6 +47,7 @@ class RuntimeState:
     draining: trio.Event = field(default_factory=trio.Event)
     drain_deadline: float = float("inf")  # trio.current_time() units
     listener_mode: str = "starting"  # "notify" or "poll-only"
+    listener_note: str | None = None  # why poll-only is intended (a kill switch, a pooler)
     last_notification: float | None = None  # time.monotonic()
     down: set[str] = field(default_factory=set)  # consumers reconnecting now
     recovered: bool = False  # a reconnect happened since the last beat was written
@@ -57,6 +58,10 @@ class RuntimeState:
     lease_renewed: float | None = None  # trio.current_time() of the last row write
     last_reap: float | None = None  # time.monotonic() of the reaper's last pass
     reconcile: dict[str, Any] | None = None  # the reconciler's settings and last pass
+    # Set before cancelling to stop as a SIGKILL would (spectral.testing's crash()): the
+    # claimer writes no releases and the heartbeat does not mark the worker exited.
+    abandoned: bool = False
+    prune: dict[str, Any] | None = None  # the pruner's settings, totals and last pass here
     _wake: trio.Event = field(default_factory=trio.Event)
     _health_changed: trio.Event = field(default_factory=trio.Event)
 

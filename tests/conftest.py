@@ -10,18 +10,15 @@ from .pg import Server
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[Server]:
-    server = Server()
-    yield server
-    server.close()
+def pg_server(spectral_server: Server) -> Server:
+    """The session's server: the one spectral.testing's plugin starts for spectral_db."""
+    return spectral_server
 
 
 @pytest.fixture
-def db_url(pg_server: Server) -> Iterator[str]:
-    """A fresh, migrated database for this test (dropped afterwards)."""
-    url = pg_server.fresh()
-    yield url
-    pg_server.drop(url)
+def db_url(spectral_db_url: str) -> str:
+    """A fresh, migrated database for this test (the plugin's; dropped afterwards)."""
+    return spectral_db_url
 
 
 @pytest.fixture
@@ -29,7 +26,7 @@ def empty_db_url(pg_server: Server) -> Iterator[str]:
     """A fresh database with no core schema."""
     url = pg_server.fresh(migrated=False)
     yield url
-    pg_server.drop(url)
+    pg_server.drop(url, wait=False)
 
 
 @pytest.fixture

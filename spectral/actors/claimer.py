@@ -131,7 +131,9 @@ class Claimer:
                         outcome = self._turns.crashed(row, progress, exc)
                     else:
                         # Cut off from outside: the drain deadline, shutdown, or the fence.
-                        why = ("released: the worker lost its heartbeat" if self._fenced
+                        # Only the fence cancels a turn's own scope; the drain deadline and
+                        # shutdown cancel the nursery around it.
+                        why = ("released: the worker lost its heartbeat" if scope.cancel_called
                                else "cancelled at the drain deadline")
                         self._hand_back(self._turns.interrupted(row, progress, why))
                         raise
@@ -273,7 +275,8 @@ class Claimer:
                     batch = Settlement()
                     for outcome in outcomes:
                         outcome.add_to(batch)
-                    await self._settle(batch, outcomes)
+                    if not self._state.abandoned:  # a simulated SIGKILL writes nothing
+                        await self._settle(batch, outcomes)
                 raise
 
     async def _settle_forever(self) -> None:

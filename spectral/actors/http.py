@@ -1,6 +1,7 @@
 """The HTTP server actor: hypercorn + quart-trio in the supervisor's nursery.
 
-Endpoints: /health, /ready, /version, /version/detail (bearer token), /queue, /metrics.
+Endpoints: /health, /ready, /version, /version/detail (bearer token), /queue, /metrics,
+and the dashboard under /ui when a token is configured (:mod:`spectral.ui`).
 Health and version serve in-memory state; /ready, /queue and /metrics read a snapshot
 refreshed at most every couple of seconds, never one query per request.
 """
@@ -60,6 +61,9 @@ class HttpServer:
         version: VersionInfo, service: str, environment: str, deployed_at: str | None,
         detail_token: str | None, host: str, port: int, drain_budget: float,
         workers: bool, schema_version: int, listen_enabled: bool = True,
+        dashboard_store: Any = None, ui_session_ttl: float = 3600.0, stale_after: float = 60.0,
+        ops_host: str = "127.0.0.1", ops_port: int | None = None,
+        ops_token_required: bool = False,
     ) -> None:
         self._state = state
         self._snapshot = snapshot
@@ -76,6 +80,15 @@ class HttpServer:
         # With SPECTRAL_LISTEN_ENABLED=false, poll-only is the intended mode, not a failure.
         self._listener_expected = workers and listen_enabled
         self._schema_version = schema_version
+        # The dashboard (spectral.ui) exists only with a token and a store to read.
+        self._dashboard_store = dashboard_store
+        self._ui_session_ttl = ui_session_ttl
+        self._stale_after = stale_after
+        # /queue and /metrics: on their own listener when ops_port is set, behind the
+        # detail token when ops_token_required.
+        self._ops_bind = None if ops_port is None else f"{ops_host}:{ops_port}"
+        self._ops_ports: set[int] = set()
+        self._ops_token_required = ops_token_required
         self.app = self._build()
 
     # --- the endpoints -------------------------------------------------------------
@@ -93,6 +106,7 @@ class HttpServer:
         age = self._state.last_notification_age()
         return {
             "mode": self._state.listener_mode,
+            "note": self._state.listener_note,
             "last_notification_age_seconds": None if age is None else round(age, 3),
             "reconnects": self._state.counters.reconnects,
         }
@@ -114,6 +128,17 @@ class HttpServer:
             "reaper_last_pass_age_seconds": None if reap is None else round(now - reap, 3),
             "draining": self._state.draining.is_set(),
         }
+
+    def _ops_refusal(self) -> Response | None:
+        """None when the request may see /queue or /metrics, else the refusal to send."""
+        if self._ops_bind is not None:
+            server = request.scope.get("server")
+            if not server or server[1] not in self._ops_ports:
+                return Response(json.dumps({"error": "not found"}), status=404,
+                                content_type="application/json")
+        if self._ops_token_required:
+            return self._authorized()
+        return None
 
     def _authorized(self) -> Response | None:
         """None when the request may see /version/detail, else the refusal to send."""
@@ -171,7 +196,10 @@ class HttpServer:
                     "runtime": self._version.runtime(), "checks": self._checks()}
 
         @app.get("/queue")
-        async def queue() -> dict[str, Any]:
+        async def queue() -> Any:
+            refusal = self._ops_refusal()
+            if refusal is not None:
+                return refusal
             snap = await self._snapshot.get()
             return {
                 "generation": self._state.generation,
@@ -184,13 +212,30 @@ class HttpServer:
                 "reconcile": None if self._state.reconcile is None else {
                     **self._state.reconcile, "last_pass": snap.get("last_reconcile_pass"),
                 },
+                "prune": None if self._state.prune is None else {
+                    **self._state.prune, "last_pass": snap.get("last_prune_pass"),
+                },
+                "health": snap.get("health"),
+                "dead_count_capped": snap.get("dead_count_capped", False),
             }
 
         @app.get("/metrics")
         async def metrics() -> Response:
+            refusal = self._ops_refusal()
+            if refusal is not None:
+                return refusal
             await self._snapshot.get()
             return Response(self._metrics.render(), content_type=CONTENT_TYPE)
 
+        if self._token is not None and self._dashboard_store is not None:
+            from ..ui import Dashboard
+
+            Dashboard(
+                store=self._dashboard_store, state=self._state, token=self._token,
+                session_ttl=self._ui_session_ttl, stale_after=self._stale_after,
+                service=self._service, environment=self._environment,
+                listener=lambda: self._listener() if self._workers else None,
+            ).install(app)
         return app
 
     # --- serving -----------------------------------------------------------------------
@@ -227,6 +272,8 @@ class HttpServer:
     def _config(self) -> HypercornConfig:
         cfg = HypercornConfig()
         cfg.bind = [f"{self._host}:{self._port}"]
+        if self._ops_bind is not None:
+            cfg.bind.append(self._ops_bind)
         cfg.accesslog = None
         cfg.errorlog = log
         cfg.graceful_timeout = self._drain_budget
@@ -258,8 +305,14 @@ class HttpServer:
                 functools.partial(serve, self.asgi, cfg,
                                   shutdown_trigger=functools.partial(self._shutdown_trigger, cfg))
             )
-            log.info("http listening on %s", " ".join(binds),
-                     extra={"worker_id": self._state.worker_id})
+            if self._ops_bind is not None:
+                # Binds come back in the order of cfg.bind: the main listener first.
+                self._ops_ports = {int(b.rsplit(":", 1)[1]) for b in binds[1:]}
+                log.info("http listening on %s; /queue and /metrics only on %s", binds[0],
+                         " ".join(binds[1:]), extra={"worker_id": self._state.worker_id})
+            else:
+                log.info("http listening on %s", " ".join(binds),
+                         extra={"worker_id": self._state.worker_id})
             task_status.started(binds)
         log.info("http stopped", extra={"worker_id": self._state.worker_id})
 

@@ -14,7 +14,7 @@ import trio
 
 from . import _aio, embedded
 from ._aio import QueryMode
-from .migrate import MigrationReport, applied_versions, migrate, shipped
+from .migrate import MigrationReport, applied_versions, latest_version, migrate, shipped
 from .publish import publish, publish_trio
 from .store import (
     CLEANUP_TIMEOUT,
@@ -30,14 +30,15 @@ from .store import (
     TurnTx,
     asyncio_loop,
     hop,
+    staging_pass,
 )
 from .urls import redact, scrub
 
 __all__ = [
-    "Ack", "ClaimedRow", "Fail", "Handled", "QueryMode", "Release",
-    "Connection", "MigrationReport", "Settled", "Settlement", "Store", "TurnTx",
-    "applied_versions", "asyncio_loop", "migrate", "open_database", "publish", "publish_trio",
-    "redact", "resolve_url", "scrub", "shipped",
+    "Ack", "ClaimedRow", "Connection", "Fail", "Handled", "MigrationReport", "QueryMode",
+    "Release", "Settled", "Settlement", "Store", "TurnTx", "applied_versions", "asyncio_loop",
+    "latest_version", "migrate", "open_database", "publish", "publish_trio", "redact",
+    "resolve_url", "scrub", "shipped", "staging_pass",
 ]
 
 log = logging.getLogger("spectral.db")
@@ -56,16 +57,26 @@ def resolve_url(database_url: str | None, data_dir: Path) -> str:
 
 
 @asynccontextmanager
-async def open_database(url: str, *, pool_size: int = 10) -> AsyncIterator[Store]:
+async def open_database(
+    url: str, *, pool_size: int = 10, pooler: str = "none", listen_url: str | None = None,
+    handler_role: str | None = None,
+) -> AsyncIterator[Store]:
     """Open a connection pool to ``url`` inside the process's trio-asyncio loop.
+
+    Args:
+        pooler: what ``url`` reaches: 'none' (PostgreSQL itself), 'session' or
+            'transaction' (a PgBouncer-style pooler in that mode).
+        listen_url: a direct URL for LISTEN (behind a transaction pooler).
+        handler_role: the role handlers' SQL runs as inside turn transactions.
 
     Cancellation: the pool is closed in a shielded, time-bounded ``finally`` before the
     loop can be torn down, so no query keeps running server-side.
     """
     async with asyncio_loop():
-        pool = await hop(_aio.create_pool, url, 1, pool_size)
+        pool = await hop(_aio.create_pool, url, 1, pool_size, pooler)
         try:
-            yield Store(pool, url)
+            yield Store(pool, url, pooler=pooler, listen_url=listen_url,
+                        handler_role=handler_role)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT + 1):
                 await hop(_aio.close_pool, pool, CLEANUP_TIMEOUT)

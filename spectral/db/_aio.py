@@ -19,7 +19,7 @@ from typing import Any, Literal
 import asyncpg
 
 from ._errors import translated
-from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
+from ._queries import DEPLOYMENTS, OBSERVE, OUTBOX, PRUNE, PUBLISH, RECONCILE, WORKERS
 
 Record = Any  # asyncpg.Record; the trio side copies what it needs into its own types
 
@@ -55,12 +55,61 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute(conn.get_reset_query())
 
 
+#: What asyncpg's TCP connection set-up leaves in a future nobody awaits when the connect
+#: (or the CancelRequest connection of a cancelled query) is cancelled at the wrong moment.
+_ORPHANED_CONNECT_ERROR = "unexpected connection_lost() call"
+
+
+def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The trio-asyncio loop's exception handler: drop one known orphan, defer the rest.
+
+    trio-asyncio's default handler raises every unhandled asyncio error into the loop's
+    nursery, which stops the loop and everything running in it. asyncpg's SSL negotiation
+    (sslmode=prefer, the default over TCP) sets ``ConnectionError('unexpected
+    connection_lost() call')`` on a future of its own when the connect it belongs to was
+    cancelled while the transport was being opened; that connect already ended with the
+    cancellation, so the error is noise, not a failure.
+    """
+    exc = context.get("exception")
+    if isinstance(exc, ConnectionError) and str(exc) == _ORPHANED_CONNECT_ERROR:
+        return
+    loop.default_exception_handler(context)
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    # Behind a transaction pooler the next statement may reach another server session:
+    # there is no session of ours to reset (and RESET ALL would reach someone else's).
+    return None
+
+
+def connect_options(pooler: str, application_name: str) -> dict[str, Any]:
+    """asyncpg connect arguments for ``pooler`` ('none', 'session' or 'transaction').
+
+    Poolers refuse startup parameters they do not know, so behind one only
+    ``application_name`` is sent (the idle-in-transaction bound is then set per turn
+    transaction, see :data:`POOLED_IDLE_TIMEOUT`). Behind a transaction pooler the
+    statement cache is off: a prepared statement lives in one server session, and the
+    next transaction may run in another.
+    """
+    options: dict[str, Any] = {"server_settings": {"application_name": application_name}}
+    if pooler == "none" and application_name == "spectral":
+        options["server_settings"] = SESSION_SETTINGS
+    if pooler == "transaction":
+        options["statement_cache_size"] = 0
+    return options
+
+
+#: Behind a pooler: the idle-in-transaction bound (ms) each turn transaction sets locally.
+POOLED_IDLE_TIMEOUT = SESSION_SETTINGS["idle_in_transaction_session_timeout"]
+
+
 @translated
-async def create_pool(url: str, min_size: int, max_size: int) -> asyncpg.Pool:
+async def create_pool(url: str, min_size: int, max_size: int, pooler: str = "none") -> asyncpg.Pool:
     return await asyncpg.create_pool(
         url, min_size=min_size, max_size=max_size, timeout=10,
-        server_settings=SESSION_SETTINGS, max_inactive_connection_lifetime=300,
-        reset=_reset,
+        max_inactive_connection_lifetime=300,
+        reset=_no_reset if pooler == "transaction" else _reset,
+        **connect_options(pooler, "spectral"),
     )
 
 
@@ -72,10 +121,16 @@ async def close_pool(pool: asyncpg.Pool, seconds: float) -> None:
 
 
 @translated
-async def connect(url: str, application_name: str) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        url, timeout=10, server_settings={"application_name": application_name},
-    )
+async def connect(url: str, application_name: str, pooler: str = "none") -> asyncpg.Connection:
+    return await asyncpg.connect(url, timeout=10, **connect_options(pooler, application_name))
+
+
+@translated
+async def begin_and_fetchval(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> Any:
+    """Open a transaction left open on ``conn`` (closing the connection ends it) and run
+    ``sql`` in it: a transaction-scoped lock held this way survives a transaction pooler."""
+    await conn.transaction().start()
+    return await conn.fetchval(sql, *args)
 
 
 async def close_connection(conn: asyncpg.Connection, seconds: float) -> None:
@@ -182,8 +237,13 @@ async def turn_begin(
     mode: QueryMode,
     sql: str,
     args: Sequence[Any],
+    local: tuple[str, str] | None = None,
 ) -> tuple[Any, Any, Any]:
     """Open a handler's transaction and run its first statement, in one hop.
+
+    ``local`` is (idle-in-transaction ms, handler role), '' for none: set with SET LOCAL
+    semantics after Spectral's own statements, before the handler's (see
+    ``OUTBOX.turn_local``); None sends nothing.
 
     Returns ``(connection, transaction, result)``, or ``(None, None, outcome)`` with a
     :class:`TurnOutcome` when the claim was lost or the ledger already has the handler.
@@ -195,6 +255,8 @@ async def turn_begin(
         await tr.start()
         if event_id is None:
             # A plain transaction (a reconcile sweep): no claim to check, no ledger row.
+            if local is not None:
+                await conn.execute(OUTBOX.turn_local, *local)
             return conn, tr, await _run(conn, mode, sql, args)
         if await conn.fetchval(OUTBOX.turn_begin, event_id, token) is None:
             await tr.rollback()
@@ -204,6 +266,8 @@ async def turn_begin(
             await tr.rollback()
             await pool.release(conn)
             return None, None, TurnOutcome.ALREADY_HANDLED
+        if local is not None:
+            await conn.execute(OUTBOX.turn_local, *local)
         result = await _run(conn, mode, sql, args)
     except BaseException:
         await _abandon(pool, conn, tr)
@@ -261,15 +325,14 @@ async def listen(
     channel: str,
     on_notify: Callable[[str], None],
     on_terminate: Callable[[], None],
+    pooler: str = "none",
 ) -> asyncpg.Connection:
     """Open a dedicated connection and LISTEN on ``channel``.
 
     The callbacks run on the event loop's thread (the trio thread under trio-asyncio); they
     must not raise.
     """
-    conn = await asyncpg.connect(
-        url, timeout=10, server_settings={"application_name": "spectral-listener"},
-    )
+    conn = await asyncpg.connect(url, timeout=10, **connect_options(pooler, "spectral-listener"))
     try:
         conn.add_termination_listener(lambda _conn: on_terminate())
         await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
@@ -333,6 +396,65 @@ async def retire_generations(
         return retired, int(newest), moved
 
 
+# --- observation -----------------------------------------------------------------------
+
+
+@translated
+async def snapshot(pool: asyncpg.Pool, stale_after: float, dead_cap: int) -> dict[str, Any]:
+    """Every query of the queue snapshot on one connection, in one hop."""
+    with _own_statements():
+        async with pool.acquire() as conn:
+            return {
+                "outbox": list(await conn.fetch(OBSERVE.live_counts, dead_cap)),
+                "workers": list(await conn.fetch(OBSERVE.workers_by_generation, stale_after)),
+                "deployments": list(await conn.fetch(DEPLOYMENTS.latest_deployments, 5)),
+                "schema_version": await conn.fetchval(OBSERVE.schema_version),
+                "last_reconcile_pass": await conn.fetchrow(RECONCILE.last_pass),
+                "last_prune_pass": await conn.fetchrow(PRUNE.last_pass),
+                "tables": list(await conn.fetch(OBSERVE.table_health)),
+                "horizon": await conn.fetchrow(OBSERVE.xmin_horizon),
+            }
+
+
+# --- the pruner ------------------------------------------------------------------------
+
+
+@translated
+async def begin_prune_pass(
+    pool: asyncpg.Pool, worker_id: str, min_gap: float, lease: float
+) -> int | None:
+    """Start a prune pass if none runs and none started within ``min_gap`` seconds."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval(PRUNE.try_lock):
+            return None
+        value = await conn.fetchval(PRUNE.begin_pass, worker_id, min_gap, lease)
+        return None if value is None else int(value)
+
+
+@translated
+async def prune_batch(pool: asyncpg.Pool, sql: str, retention: float, limit: int) -> tuple[int, int]:
+    """One bounded delete; returns (rows deleted, ledger rows deleted with them)."""
+    with _own_statements():
+        if sql in (PRUNE.done, PRUNE.dead):
+            row = await pool.fetchrow(sql, retention, limit)
+            return int(row["rows"]), int(row["ledger"])
+        return len(await pool.fetch(sql, retention, limit)), 0
+
+
 @translated
 async def conn_fetchval(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> Any:
     return await conn.fetchval(sql, *args)
+
+
+# --- the staging gate ----------------------------------------------------------------
+
+
+@translated
+async def read_only_fetch(url: str, sql: str, args: Sequence[Any]) -> list[Record]:
+    """One query on a read-only session of another database (the staging gate's)."""
+    conn = await asyncpg.connect(url, timeout=10, server_settings={
+        "application_name": "spectral-staging-gate", "default_transaction_read_only": "on"})
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await close_connection(conn, 5)

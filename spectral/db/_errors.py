@@ -66,6 +66,12 @@ def translate(exc: BaseException) -> errors.SpectralError | None:
         message = scrub(str(getattr(exc, "message", "") or exc)).splitlines()[0]
         if hint in _HINTS:
             return _HINTS[hint](message)
+        if "unsupported startup parameter" in message:
+            # PgBouncer's refusal of a setting sent at connect: the URL reaches a pooler.
+            return errors.ConfigurationError(
+                f"{message}: the database URL reaches a connection pooler; set "
+                "SPECTRAL_POOLER=session or SPECTRAL_POOLER=transaction (docs/how-to/poolers.md)"
+            )
         constraint = getattr(exc, "constraint_name", None) or ""
         if constraint in _CONSTRAINTS:
             cls, text = _CONSTRAINTS[constraint]

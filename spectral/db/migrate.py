@@ -2,8 +2,8 @@
 
 Each file is ``NNNN_name.sql`` and declares ``-- kind: expand`` or ``-- kind: contract`` in
 its header. ``spectral migrate`` applies the pending ones in order, each in its own
-transaction, under an advisory lock: concurrent runs wait for each other and re-running
-applies nothing.
+transaction, under a transaction-scoped advisory lock (safe behind a transaction pooler):
+concurrent runs wait for each other and re-running applies nothing.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def shipped() -> list[Migration]:
             raise MigrationError(f"migration {entry.name} does not declare '-- kind: expand|contract'")
         found.append(Migration(int(match.group(1)), match.group(2), kind.group(1), sql))
     versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise MigrationError(f"migration numbers must run 1..N without gaps, found {versions}")
+    # Numbers are allocated to changes ahead of time, so a release may skip one that has
+    # not landed yet; they must still start at 1 and never repeat.
+    if not versions or versions[0] != 1 or len(set(versions)) != len(versions):
+        raise MigrationError(f"migration numbers must start at 1 and be unique, found {versions}")
     return found
 
 
@@ -81,14 +83,19 @@ async def _refuse_contract_with_live_old_workers(
 async def _migrate(
     url: str, migrations: list[Migration], max_payload_bytes: int | None, stale_after: float
 ) -> list[int]:
-    conn = await asyncpg.connect(url, timeout=10)
+    # No statement cache: the migrator may run through a transaction pooler. Each of its
+    # transactions takes the transaction-scoped lock first (one migrator at a time) and
+    # reads what is applied under it, so a concurrent run finds the other's work done.
+    conn = await asyncpg.connect(url, timeout=10, statement_cache_size=0)
     try:
-        await conn.execute(MIGRATE.lock)
-        try:
+        async with conn.transaction():
+            await conn.execute(MIGRATE.lock)
             await conn.execute(MIGRATE.bootstrap)
-            applied = {r["version"]: r for r in await conn.fetch(MIGRATE.applied)}
-            done: list[int] = []
-            for m in migrations:
+        done: list[int] = []
+        for m in migrations:
+            async with conn.transaction():
+                await conn.execute(MIGRATE.lock)
+                applied = {r["version"]: r for r in await conn.fetch(MIGRATE.applied)}
                 if m.version in applied:
                     if applied[m.version]["checksum"] != m.checksum:
                         raise MigrationError(
@@ -97,10 +104,12 @@ async def _migrate(
                         )
                     continue
                 await _refuse_contract_with_live_old_workers(conn, m, stale_after)
-                async with conn.transaction():
-                    await conn.execute(m.sql)
-                    await conn.execute(MIGRATE.record, m.version, m.name, m.kind, m.checksum)
-                done.append(m.version)
+                await conn.execute(m.sql)
+                await conn.execute(MIGRATE.record, m.version, m.name, m.kind, m.checksum)
+            done.append(m.version)
+        async with conn.transaction():
+            await conn.execute(MIGRATE.lock)
+            applied = {r["version"]: r for r in await conn.fetch(MIGRATE.applied)}
             unknown = sorted(set(applied) - {m.version for m in migrations})
             if unknown:
                 raise MigrationError(
@@ -109,9 +118,7 @@ async def _migrate(
                 )
             if max_payload_bytes is not None:
                 await conn.execute(PUBLISH.set_max_payload_bytes, max_payload_bytes)
-            return done
-        finally:
-            await conn.execute(MIGRATE.unlock)
+        return done
     finally:
         await _aio.close_connection(conn, 5)
 
@@ -130,12 +137,18 @@ async def migrate(
     """
     migrations = shipped() if migrations is None else migrations
     done = await hop(_migrate, url, migrations, max_payload_bytes, stale_after)
-    return MigrationReport([m for m in migrations if m.version in done], len(migrations))
+    return MigrationReport([m for m in migrations if m.version in done], latest_version(migrations))
+
+
+def latest_version(migrations: list[Migration] | None = None) -> int:
+    """The schema version a database is at once ``migrations`` (default: shipped) are applied."""
+    migrations = shipped() if migrations is None else migrations
+    return max((m.version for m in migrations), default=0)
 
 
 @translated
 async def _status(url: str) -> list[Any]:
-    conn = await asyncpg.connect(url, timeout=10)
+    conn = await asyncpg.connect(url, timeout=10, statement_cache_size=0)
     try:
         if not await conn.fetchval(MIGRATE.has_schema):
             return []

@@ -20,10 +20,23 @@ import trio_asyncio
 from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError, SpectralError
 from . import _aio
 from ._aio import QueryMode
-from ._queries import DEPLOYMENTS, OUTBOX, PUBLISH, RECONCILE, WORKERS
+from ._queries import (
+    DASHBOARD,
+    DEPLOYMENTS,
+    OBSERVE,
+    OUTBOX,
+    PRUNE,
+    PUBLISH,
+    RECONCILE,
+    TESTING,
+    WORKERS,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+#: DEAD rows counted exactly by the queue views; beyond, the count says "at least".
+DEAD_COUNT_CAP = 10_000
 
 #: Seconds a shielded cleanup (rollback, release, close) may take before it is abandoned.
 CLEANUP_TIMEOUT = 5.0
@@ -41,14 +54,16 @@ async def asyncio_loop() -> AsyncIterator[None]:
     Error handling: trio-asyncio runs the body inside its own nurseries, which wrap any
     exception in nested exception groups. A group holding one exception is unwrapped, so
     ``except DatabaseUnavailableError`` around :func:`spectral.open_database` works
-    (``except*`` handlers match the bare exception as well).
+    (``except*`` handlers match the bare exception as well). A loop opened here ignores
+    the one asyncio error a cancelled connect leaves behind (``_aio.loop_exception_handler``).
     """
     if trio_asyncio.current_loop.get(None) is None:
         try:
-            async with trio_asyncio.open_loop():
+            async with trio_asyncio.open_loop() as loop:
+                loop.set_exception_handler(_aio.loop_exception_handler)
                 yield
         except BaseExceptionGroup as group:
-            sole = _sole_exception(group)
+            sole = sole_exception(group)
             if sole is None:
                 raise
             raise sole from None
@@ -56,7 +71,7 @@ async def asyncio_loop() -> AsyncIterator[None]:
         yield
 
 
-def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     inner: BaseException = group
     while isinstance(inner, BaseExceptionGroup):
         if len(inner.exceptions) != 1:
@@ -161,6 +176,13 @@ class Settled:
         return batch.ids() - self.acked - self.failed - self.released
 
 
+def _pass_row(row: Any, result: str) -> dict[str, Any] | None:
+    """A reconcile or prune pass record with its jsonb columns decoded."""
+    if row is None:
+        return None
+    return {**dict(row), result: json.loads(row[result]), "errors": json.loads(row["errors"])}
+
+
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> tuple[list[Any], ...]:
     return tuple([row[i] for row in rows] for i in range(width))
 
@@ -168,14 +190,33 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> tuple[list[Any], ..
 class Store:
     """Spectral's database, seen from trio. Built by :func:`spectral.db.open_database`."""
 
-    def __init__(self, pool: Any, url: str) -> None:
+    def __init__(
+        self, pool: Any, url: str, *, pooler: str = "none", listen_url: str | None = None,
+        handler_role: str | None = None,
+    ) -> None:
         self._pool = pool
         self._url = url
+        self._pooler = pooler
+        self._listen_url = listen_url
+        # Set in each turn transaction after Spectral's statements ('' leaves it alone).
+        idle = _aio.POOLED_IDLE_TIMEOUT if pooler != "none" else ""
+        self._turn_local = (idle, handler_role or "") if idle or handler_role else None
 
     @property
     def url(self) -> str:
         """The database URL, password included: never log it (see ``urls.redact``)."""
         return self._url
+
+    @property
+    def pooler(self) -> str:
+        """'none', 'session' or 'transaction': what the database URL reaches."""
+        return self._pooler
+
+    @property
+    def can_listen(self) -> bool:
+        """Whether LISTEN sticks: not through a transaction pooler without a direct
+        listen URL (a notification would reach whichever session ran last)."""
+        return self._listen_url is not None or self._pooler != "transaction"
 
     # --- producers -------------------------------------------------------------------
 
@@ -218,11 +259,11 @@ class Store:
 
     async def open_turn(self, event_id: int, token: uuid.UUID, handler: str) -> TurnTx:
         """A lazily opened transaction for one handler's turn on one event."""
-        return TurnTx(self._pool, event_id, token, handler)
+        return TurnTx(self._pool, event_id, token, handler, self._turn_local)
 
     async def open_transaction(self) -> TurnTx:
         """A lazily opened plain transaction (reconcile sweeps): no claim, no ledger."""
-        return TurnTx(self._pool, None, None, "")
+        return TurnTx(self._pool, None, None, "", self._turn_local)
 
     # --- the reconciler --------------------------------------------------------------
 
@@ -245,12 +286,7 @@ class Store:
 
     async def last_reconcile_pass(self) -> dict[str, Any] | None:
         rows = await self.fetch(RECONCILE.last_pass)
-        if not rows:
-            return None
-        row = rows[0]
-        row["unblocked"] = json.loads(row["unblocked"])
-        row["errors"] = json.loads(row["errors"])
-        return row
+        return _pass_row(rows[0] if rows else None, "unblocked")
 
     async def sweep_lost_wakeups(self, grace: float, stale: float) -> dict[int, int]:
         rows = await self.fetch(RECONCILE.lost_wakeups, grace, stale)
@@ -267,6 +303,64 @@ class Store:
 
     async def stale_workers(self, stale: float) -> list[dict[str, Any]]:
         return await self.fetch(RECONCILE.stale_workers, stale)
+
+    # --- the pruner ------------------------------------------------------------------
+
+    async def begin_prune_pass(self, worker_id: str, min_gap: float, lease: float) -> int | None:
+        return await hop(_aio.begin_prune_pass, self._pool, worker_id, min_gap, lease)
+
+    async def finish_prune_pass(
+        self, pass_id: int, pruned: dict[str, int], errors: list[str]
+    ) -> None:
+        await self.execute(PRUNE.finish_pass, pass_id, json.dumps(pruned), json.dumps(errors))
+
+    async def last_prune_pass(self) -> dict[str, Any] | None:
+        rows = await self.fetch(PRUNE.last_pass)
+        return _pass_row(rows[0] if rows else None, "pruned")
+
+    async def prune(self, kind: str, retention: float, limit: int) -> tuple[int, int]:
+        """Delete one batch of ``kind`` older than ``retention`` seconds (see prune.sql);
+        returns (rows deleted, ledger rows deleted with them)."""
+        return await hop(_aio.prune_batch, self._pool, getattr(PRUNE, kind), retention, limit)
+
+    async def mark_lost_workers(self, after: float) -> list[tuple[str, int]]:
+        rows = await self.fetch(PRUNE.mark_lost, after)
+        return [(r["worker_id"], r["generation"]) for r in rows]
+
+    async def would_prune(
+        self, *, done: float, dead: float, workers: float, records: float, lost_after: float,
+        cap: int,
+    ) -> dict[str, int]:
+        rows = await self.fetch(PRUNE.would_prune, done, dead, workers, records, lost_after, cap)
+        return {k: int(v) for k, v in rows[0].items()}
+
+    # --- observation -----------------------------------------------------------------
+
+    async def snapshot(self, stale_after: float) -> dict[str, Any]:
+        """The queue snapshot's rows in one hop: ``outbox`` (as :meth:`outbox_counts`),
+        ``workers`` (by generation and state), ``deployments`` (the newest 5),
+        ``schema_version``, ``last_reconcile_pass``, ``last_prune_pass``, ``tables`` (as
+        :meth:`table_health`) and ``horizon`` (as :meth:`xmin_horizon`)."""
+        raw = await hop(_aio.snapshot, self._pool, stale_after, DEAD_COUNT_CAP)
+        out: dict[str, Any] = {
+            key: [dict(r) for r in raw[key]] for key in ("outbox", "workers", "deployments", "tables")
+        }
+        out["schema_version"] = int(raw["schema_version"])
+        out["last_reconcile_pass"] = _pass_row(raw["last_reconcile_pass"], "unblocked")
+        out["last_prune_pass"] = _pass_row(raw["last_prune_pass"], "pruned")
+        horizon = dict(raw["horizon"])
+        if horizon["oldest_xact"] is not None:
+            horizon["oldest_xact"] = json.loads(horizon["oldest_xact"])
+        out["horizon"] = horizon
+        return out
+
+    async def table_health(self) -> list[dict[str, Any]]:
+        return await self.fetch(OBSERVE.table_health)
+
+    async def xmin_horizon(self) -> dict[str, Any]:
+        row = (await self.fetch(OBSERVE.xmin_horizon))[0]
+        row["oldest_xact"] = None if row["oldest_xact"] is None else json.loads(row["oldest_xact"])
+        return row
 
     # --- deployments -----------------------------------------------------------------
 
@@ -300,7 +394,9 @@ class Store:
         return ids
 
     async def outbox_counts(self) -> list[dict[str, Any]]:
-        return await self.fetch(OUTBOX.counts)
+        """PENDING, CLAIMED and DEAD rows by generation (DEAD up to :data:`DEAD_COUNT_CAP`),
+        from their partial indexes: DONE rows are never counted (see :meth:`table_health`)."""
+        return await self.fetch(OBSERVE.live_counts, DEAD_COUNT_CAP)
 
     async def get_event(self, event_id: int) -> dict[str, Any] | None:
         rows = await self.fetch(OUTBOX.get_event, event_id)
@@ -309,11 +405,91 @@ class Store:
     async def workers(self, stale_after: float) -> list[dict[str, Any]]:
         return await self.fetch(WORKERS.list_workers, stale_after)
 
+    async def can_set_role(self, role: str) -> bool | None:
+        """Whether the login role may switch to ``role``; None when ``role`` does not exist."""
+        value = await self.fetchval(WORKERS.can_set_role, role)
+        return None if value is None else bool(value)
+
     async def max_payload_bytes(self) -> int:
         return int(await self.fetchval(PUBLISH.max_payload_bytes))
 
     async def set_max_payload_bytes(self, cap: int) -> None:
         await self.fetchval(PUBLISH.set_max_payload_bytes, cap)
+
+    # --- deploy records and the dashboard ------------------------------------------
+
+    async def begin_record(
+        self, generation: int, target: str, old_process: str | None, *, environment: str,
+        reference: str, deployed_by: str | None, staging_evidence: str | None,
+        override_reason: str | None,
+    ) -> tuple[int, datetime]:
+        rows = await self.fetch(DEPLOYMENTS.begin_record, generation, target, old_process,
+                                environment, reference, deployed_by, staging_evidence,
+                                override_reason)
+        return int(rows[0]["id"]), rows[0]["started_at"]
+
+    async def finish_record(
+        self, rollout_id: int, *, status: str, reason: str, new_process: str | None,
+        verdict: str, checks: list[dict[str, str]], migrations: list[str],
+    ) -> datetime:
+        """Finish rollout ``rollout_id``: a rolled-back generation is retired at once."""
+        await self.fetchval(DEPLOYMENTS.finish_rollout, rollout_id, status, reason, new_process)
+        return await self.fetchval(DEPLOYMENTS.finish_record, rollout_id, verdict,  # type: ignore[no-any-return]
+                                   json.dumps(checks), json.dumps(migrations))
+
+    async def record_refused(
+        self, generation: int | None, target: str, *, environment: str, reference: str | None,
+        deployed_by: str | None, reason: str, checks: list[dict[str, str]],
+    ) -> dict[str, Any]:
+        rows = await self.fetch(DEPLOYMENTS.record_refused, generation, target, environment,
+                                reference, deployed_by, reason, json.dumps(checks))
+        return rows[0]
+
+    async def deploy_history(self, environment: str | None, limit: int) -> list[dict[str, Any]]:
+        rows = await self.fetch(DEPLOYMENTS.deploy_history, environment, limit)
+        for row in rows:
+            row["checks"] = json.loads(row["checks"])
+            row["migrations_applied"] = json.loads(row["migrations_applied"])
+        return rows
+
+    async def rollout_record(self, rollout_id: int) -> dict[str, Any]:
+        rows = await self.fetch(DEPLOYMENTS.rollout_record, rollout_id)
+        row = rows[0]
+        row["checks"] = json.loads(row["checks"])
+        row["migrations_applied"] = json.loads(row["migrations_applied"])
+        return row
+
+    async def migrations_since_previous_rollout(self, rollout_id: int) -> list[str]:
+        rows = await self.fetch(DEPLOYMENTS.migrations_since, rollout_id)
+        return [f"{r['version']:04d}_{r['name']}" for r in rows]
+
+    async def generation_reference(self, generation: int) -> str | None:
+        return await self.fetchval(DEPLOYMENTS.generation_reference, generation)  # type: ignore[no-any-return]
+
+    async def in_flight(self, outside_generation: int | None, stale_after: float) -> list[dict[str, Any]]:
+        """Pre-flight: claimed rows and live workers by generation, except ``outside_generation``."""
+        return await self.fetch(DEPLOYMENTS.in_flight, outside_generation, stale_after)
+
+    async def dead_rows(self, limit: int) -> list[dict[str, Any]]:
+        return await self.fetch(DASHBOARD.dead_rows, limit)
+
+    async def dead_topics(self) -> list[dict[str, Any]]:
+        return await self.fetch(DASHBOARD.dead_topics)
+
+    async def throughput(self, minutes: int) -> list[dict[str, Any]]:
+        """Events acknowledged per minute over the last ``minutes`` minutes, oldest first."""
+        return await self.fetch(DASHBOARD.throughput, minutes)
+
+    # --- spectral.testing ------------------------------------------------------------
+
+    async def unfinished(self, generation: int, within: float) -> int:
+        """Rows of ``generation`` claimed, or due within ``within`` seconds (``wait_idle``)."""
+        return int(await self.fetchval(TESTING.unfinished, generation, within))
+
+    async def event_state(self, event_id: int) -> dict[str, Any] | None:
+        """Status, attempts, last error and the handlers that committed, or None."""
+        rows = await self.fetch(TESTING.event_state, event_id)
+        return rows[0] if rows else None
 
     # --- generic, for the query files of other modules --------------------------------
 
@@ -330,13 +506,27 @@ class Store:
 
     async def connect(self, application_name: str) -> Connection:
         """A dedicated connection outside the pool (heartbeat), so handlers cannot starve it."""
-        return Connection(await hop(_aio.connect, self._url, application_name))
+        return Connection(await hop(_aio.connect, self._url, application_name, self._pooler))
 
     async def listen(
         self, channel: str, on_notify: Callable[[str], None], on_terminate: Callable[[], None]
     ) -> Connection:
-        """A dedicated connection LISTENing on ``channel`` (a pool would UNLISTEN it)."""
-        return Connection(await hop(_aio.listen, self._url, channel, on_notify, on_terminate))
+        """A dedicated connection LISTENing on ``channel`` (a pool would UNLISTEN it), to
+        the direct listen URL when one is configured."""
+        url, pooler = (self._listen_url, "none") if self._listen_url else (self._url, self._pooler)
+        return Connection(await hop(_aio.listen, url, channel, on_notify, on_terminate, pooler))
+
+
+async def staging_pass(url: str, reference: str) -> dict[str, Any] | None:
+    """The newest passed staging rollout of ``reference`` in the database at ``url``,
+    read on a read-only session (the staging gate's evidence), or None."""
+    async with asyncio_loop():
+        rows = await hop(_aio.read_only_fetch, url, DEPLOYMENTS.staging_pass, (reference,))
+    if not rows:
+        return None
+    row = dict(rows[0])
+    row["checks"] = json.loads(row["checks"])
+    return row
 
 
 class Connection:
@@ -364,6 +554,10 @@ class Connection:
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await hop(_aio.conn_fetchval, self._conn, sql, args)
 
+    async def begin_and_fetchval(self, sql: str, *args: Any) -> Any:
+        """Open a transaction that stays open until :meth:`aclose`, and run ``sql`` in it."""
+        return await hop(_aio.begin_and_fetchval, self._conn, sql, args)
+
     async def aclose(self) -> None:
         """Close within :data:`CLEANUP_TIMEOUT`, shielded from cancellation."""
         with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT + 1):
@@ -384,9 +578,11 @@ class TurnTx:
     """
 
     def __init__(
-        self, pool: Any, event_id: int | None, token: uuid.UUID | None, handler: str
+        self, pool: Any, event_id: int | None, token: uuid.UUID | None, handler: str,
+        local: tuple[str, str] | None = None,
     ) -> None:
         self._pool = pool
+        self._local = local  # (idle ms, handler role) set after Spectral's statements
         self._event_id = event_id
         self._token = token
         self._handler = handler
@@ -417,7 +613,7 @@ class TurnTx:
             try:
                 conn, tr, result = await hop(
                     _aio.turn_begin, self._pool, self._event_id, self._token, self._handler,
-                    mode, sql, args,
+                    mode, sql, args, self._local,
                 )
             except SpectralError as exc:  # the first statement failed: nothing is open
                 self.failure = str(exc)

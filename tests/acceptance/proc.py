@@ -18,10 +18,20 @@ class Spectral:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         full_env = {**os.environ, "SPECTRAL_LOG_LEVEL": "INFO", **(env or {})}
-        self.proc = subprocess.Popen(
+        self._attach(subprocess.Popen(
             [*SPECTRAL, *args], env=full_env, cwd=cwd, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        ))
+
+    @classmethod
+    def wrap(cls, proc: subprocess.Popen[str]) -> Spectral:
+        """Read the output of a process started otherwise (text mode, stdout piped)."""
+        self = cls.__new__(cls)
+        self._attach(proc)
+        return self
+
+    def _attach(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -83,8 +83,12 @@ def test_every_endpoint_answers_with_its_documented_shape(server) -> None:  # ty
     status, _, body = get(base + "/queue")
     q = json.loads(body)
     assert status == 200
-    assert {"outbox", "workers", "in_flight", "listener", "reconcile"} <= set(q)
+    assert {"outbox", "workers", "in_flight", "listener", "reconcile", "prune", "health"} <= set(q)
     assert any(w["state"] == "running" for w in q["workers"])
+    assert q["prune"]["enabled"] is True and q["prune"]["retain_done"] == 86400.0
+    assert {t["table"] for t in q["health"]["tables"]} == {"outbox", "event_handled"}
+    assert [v["check"] for v in q["health"]["verdicts"]] == ["xmin_horizon", "event_handled", "outbox"]
+    assert isinstance(q["health"]["done_estimate"], int)
 
     # /metrics parses as Prometheus text, and its counters move as the demo's events flow.
     proc.wait_for("receipt sent", timeout=30)
@@ -99,7 +103,11 @@ def test_every_endpoint_answers_with_its_documented_shape(server) -> None:  # ty
         time.sleep(0.2)
     assert _acks(text) > first
     assert "spectral_turn_duration_seconds_bucket" in text
-    assert re.search(r'spectral_queue_depth\{generation="\d+",status="(PENDING|CLAIMED|DONE)"\} \d', text)
+    assert re.search(r'spectral_queue_depth\{generation="\d+",status="(PENDING|CLAIMED|DEAD)"\} \d', text)
+    assert re.search(r'spectral_table_dead_tuples\{table="outbox"\} \d', text)
+    assert re.search(r'spectral_health_ok\{check="xmin_horizon"\} [01]', text)
+    assert re.search(r'spectral_pruned_total\{kind="done"\} \d', text)
+    assert "spectral_xmin_horizon_age_seconds " in text
 
 
 def _acks(text: str) -> float:

@@ -68,14 +68,17 @@ def prepare(url: str) -> int:
     return int(scalar(url, "INSERT INTO core.deployments (reference) VALUES ('t') RETURNING generation"))
 
 
+#: ``n`` events of topic $1 in one statement through core.publish: $2 extra payload (JSON
+#: text), $3 generation, $4 n. Returns their ids.
+PUBLISH_N = (
+    "SELECT core.publish($1, jsonb_build_object('n', g) || $2::jsonb, NULL, $3) AS id "
+    "FROM generate_series(1, $4) AS g"
+)
+
+
 def publish(url: str, generation: int, n: int, **payload: object) -> list[int]:
     """Publish ``n`` events of TOPIC in one statement through core.publish; returns their ids."""
-    found = query(
-        url,
-        "SELECT core.publish($1, jsonb_build_object('n', g) || $2::jsonb, NULL, $3) AS id "
-        "FROM generate_series(1, $4) AS g",
-        TOPIC, json.dumps(payload), generation, n,
-    )
+    found = query(url, PUBLISH_N, TOPIC, json.dumps(payload), generation, n)
     return [r["id"] for r in found]
 
 
@@ -208,7 +211,11 @@ def test_three_workers_apply_ten_thousand_events_exactly_once(db_url: str, spawn
     assert len(publish(db_url, generation, 10_000)) == 10_000
 
     started = time.monotonic()
-    workers = [spawn(db_url, generation, SPECTRAL_CONCURRENCY="30") for _ in range(3)]
+    # Beats every 2 s: three busy workers on a loaded 2-core box can delay a 0.5 s beat
+    # past the fence (0.75 s), which cancels and releases turns (harmless, but slow).
+    workers = [spawn(db_url, generation, SPECTRAL_CONCURRENCY="30",
+                     SPECTRAL_HEARTBEAT_INTERVAL="2", SPECTRAL_CLAIM_TTL="10")
+               for _ in range(3)]
     ids = [worker_id(w) for w in workers]
     # ~18 s on an idle 2-core box; the margin is for a loaded one.
     wait_until(lambda: statuses(db_url).get("DONE", 0) == 10_000, 75, "10,000 events DONE",

@@ -9,11 +9,11 @@ from spectral.db.migrate import Migration
 from spectral.errors import MigrationError
 
 CONTRACT = Migration(
-    len(shipped()) + 1, "drop_legacy", "contract",
+    shipped()[-1].version + 1, "drop_legacy", "contract",
     "-- kind: contract\nALTER TABLE core.outbox DROP COLUMN IF EXISTS legacy_flag;",
 )
 EXPAND = Migration(
-    len(shipped()) + 1, "add_legacy", "expand",
+    shipped()[-1].version + 1, "add_legacy", "expand",
     "-- kind: expand\nALTER TABLE core.outbox ADD COLUMN IF NOT EXISTS legacy_flag boolean;",
 )
 

@@ -455,10 +455,10 @@ async def test_a_worker_that_cannot_write_its_heartbeat_fences_itself(
     @app.handler("long", name="long")
     async def long(event: spectral.Event, tx: spectral.Tx) -> None:
         starts.append(trio.current_time())
-        await trio.sleep(3 if len(starts) == 1 else 0)
+        await trio.sleep(6 if len(starts) == 1 else 0)
 
-    settings = FAST.with_changes(heartbeat_interval=0.4, handler_max=5.0, claim_ttl=30.0)
-    assert math.isclose(settings.fence_after, 0.6)
+    settings = FAST.with_changes(heartbeat_interval=1.0, handler_max=8.0, claim_ttl=30.0)
+    assert math.isclose(settings.fence_after, 1.5)
     gen = await _generation(store)
     event_id = await _publish(store, "long", {}, gen)
     caplog.set_level(logging.INFO, "spectral.claimer")
@@ -468,7 +468,7 @@ async def test_a_worker_that_cannot_write_its_heartbeat_fences_itself(
         lock = await store.open_transaction()
         await lock.query("execute", "LOCK TABLE core.workers IN EXCLUSIVE MODE", ())
         try:
-            await wait_until(_settled(store, event_id, "PENDING"), seconds=5)
+            await wait_until(_settled(store, event_id, "PENDING"), seconds=6)
             row = await _row(store, event_id)
             assert row["attempts"] == 0
             assert "lost its heartbeat" in str(row["last_error"])

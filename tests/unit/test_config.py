@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
 import pytest
 
 from spectral.cli import _build_parser
-from spectral.config import Settings
+from spectral.config import Secret, Settings
 from spectral.errors import ConfigurationError
 
 # One non-default value per setting, and what it must parse to.
 EVERY_VARIABLE: dict[str, tuple[str, str, object]] = {
     "database_url": ("SPECTRAL_DATABASE_URL", "postgresql://u@db.example:6543/app",
-                     "postgresql://u@db.example:6543/app"),
+                     Secret("postgresql://u@db.example:6543/app")),
+    "database_url_file": ("SPECTRAL_DATABASE_URL_FILE", "", None),
     "data_dir": ("SPECTRAL_DATA_DIR", "/tmp/spectral-data", Path("/tmp/spectral-data")),
     "generation": ("SPECTRAL_GENERATION", "7", 7),
     "environment": ("SPECTRAL_ENVIRONMENT", "production", "production"),
@@ -40,13 +42,30 @@ EVERY_VARIABLE: dict[str, tuple[str, str, object]] = {
     "retire_grace": ("SPECTRAL_RETIRE_GRACE", "90", 90.0),
     "listen_enabled": ("SPECTRAL_LISTEN_ENABLED", "0", False),
     "reaper_enabled": ("SPECTRAL_REAPER_ENABLED", "False", False),
+    "prune_enabled": ("SPECTRAL_PRUNE_ENABLED", "off", False),
+    "prune_interval": ("SPECTRAL_PRUNE_INTERVAL", "15", 15.0),
+    "prune_batch": ("SPECTRAL_PRUNE_BATCH", "250", 250),
+    "retain_done": ("SPECTRAL_RETAIN_DONE", "3600", 3600.0),
+    "retain_dead": ("SPECTRAL_RETAIN_DEAD", "604800", 604800.0),
+    "retain_workers": ("SPECTRAL_RETAIN_WORKERS", "86400", 86400.0),
+    "retain_records": ("SPECTRAL_RETAIN_RECORDS", "172800", 172800.0),
+    "worker_lost_after": ("SPECTRAL_WORKER_LOST_AFTER", "900", 900.0),
     "http_host": ("SPECTRAL_HTTP_HOST", "0.0.0.0", "0.0.0.0"),
     "http_port": ("SPECTRAL_HTTP_PORT", "0", 0),
-    "detail_token": ("SPECTRAL_DETAIL_TOKEN", "0123456789abcdef", "0123456789abcdef"),
+    "detail_token": ("SPECTRAL_DETAIL_TOKEN", "0123456789abcdef", Secret("0123456789abcdef")),
     "detail_token_file": ("SPECTRAL_DETAIL_TOKEN_FILE", "/run/secrets/token", Path("/run/secrets/token")),
     "version_file": ("SPECTRAL_VERSION_FILE", "/srv/version.json", Path("/srv/version.json")),
+    "ui_session_ttl": ("SPECTRAL_UI_SESSION_TTL", "90", 90.0),
     "log_format": ("SPECTRAL_LOG_FORMAT", "json", "json"),
     "log_level": ("SPECTRAL_LOG_LEVEL", "debug", "DEBUG"),
+    "pooler": ("SPECTRAL_POOLER", "transaction", "transaction"),
+    "listen_database_url": ("SPECTRAL_LISTEN_DATABASE_URL", "postgresql://u@direct/app",
+                            Secret("postgresql://u@direct/app")),
+    "listen_database_url_file": ("SPECTRAL_LISTEN_DATABASE_URL_FILE", "", None),
+    "handler_role": ("SPECTRAL_HANDLER_ROLE", "orders_handler", "orders_handler"),
+    "ops_host": ("SPECTRAL_OPS_HOST", "10.0.0.5", "10.0.0.5"),
+    "ops_port": ("SPECTRAL_OPS_PORT", "9100", 9100),
+    "ops_token_required": ("SPECTRAL_OPS_TOKEN_REQUIRED", "true", True),
 }
 
 
@@ -81,7 +100,7 @@ def test_load_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_database_url_is_also_read_from_DATABASE_URL() -> None:
     settings = Settings.load(environ={"DATABASE_URL": "postgres://u@h/db"})
-    assert settings.database_url == "postgres://u@h/db"
+    assert settings.database_url == Secret("postgres://u@h/db")
 
 
 def test_SPECTRAL_DATABASE_URL_wins_over_DATABASE_URL() -> None:
@@ -89,7 +108,7 @@ def test_SPECTRAL_DATABASE_URL_wins_over_DATABASE_URL() -> None:
         "DATABASE_URL": "postgres://u@other/db",
         "SPECTRAL_DATABASE_URL": "postgresql://u@mine/db",
     })
-    assert settings.database_url == "postgresql://u@mine/db"
+    assert settings.database_url == Secret("postgresql://u@mine/db")
 
 
 @pytest.mark.parametrize(("env", "field"), [
@@ -116,7 +135,7 @@ def test_a_flag_overrides_DATABASE_URL_too() -> None:
         environ={"DATABASE_URL": "postgres://u@env/db"},
         overrides={"database_url": "postgresql://u@flag/db"},
     )
-    assert settings.database_url == "postgresql://u@flag/db"
+    assert settings.database_url == Secret("postgresql://u@flag/db")
 
 
 BAD_VALUES = [
@@ -185,7 +204,7 @@ def test_a_non_number_is_reported_as_such() -> None:
     "postgresql://postgres:@/postgres?host=/tmp/pg",
 ])
 def test_database_urls_libpq_accepts_are_accepted(url: str) -> None:
-    assert Settings.load(environ={"SPECTRAL_DATABASE_URL": url}).database_url == url
+    assert Settings.load(environ={"SPECTRAL_DATABASE_URL": url}).database_url == Secret(url)
 
 
 def test_a_bad_database_url_is_not_echoed() -> None:
@@ -259,10 +278,13 @@ def test_every_setting_has_a_flag_whose_help_names_its_variable() -> None:
     subparsers = next(
         a for a in parser._actions if a.dest == "command"  # argparse has no public API for this
     )
-    migrate = subparsers.choices["migrate"]  # type: ignore[index]
-    by_flag = {a.option_strings[0]: a.help or "" for a in migrate._actions if a.option_strings}
+    run = subparsers.choices["run"]  # type: ignore[index]
+    by_flag = {a.option_strings[0]: a.help or "" for a in run._actions if a.option_strings}
     for f in Settings.fields():
         flag = "--" + f.name.replace("_", "-")
+        if not f.metadata["flag"]:  # a secret with no flag (it would show in ps): hidden, refused
+            assert by_flag.get(flag) == argparse.SUPPRESS, flag
+            continue
         assert flag in by_flag, flag
         assert f.metadata["env"] in by_flag[flag], flag
     assert "DATABASE_URL" in by_flag["--database-url"]
@@ -273,7 +295,7 @@ def test_flags_parsed_by_the_cli_reach_the_settings(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setenv("SPECTRAL_BATCH_SIZE", "11")
     monkeypatch.setenv("SPECTRAL_CONCURRENCY", "12")
-    args = _build_parser().parse_args(["migrate", "--batch-size", "21"])
+    args = _build_parser().parse_args(["run", "--batch-size", "21"])
     settings = _load_settings(args)
     assert (settings.batch_size, settings.concurrency) == (21, 12)
 

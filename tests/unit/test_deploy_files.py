@@ -456,3 +456,12 @@ def test_the_readme_documents_the_kill_switches_and_the_live_one() -> None:
     assert "spectral reconcile off" in readme and "without a restart" in readme
     for path in ("build-version.sh", "app.Dockerfile", "compose.yaml", "ci/deploy-production.yml"):
         assert f"`{path}`" in readme and (DEPLOY / path).is_file()
+
+
+def test_every_production_rollout_in_the_workflow_brings_staging_evidence(workflow: list[str]) -> None:
+    rollouts = [step_text(s) for s in steps(workflow) if "spectral deploy rollout" in step_text(s)]
+    assert len(rollouts) == 2
+    for text in rollouts:
+        assert '--staging-database-url "$STAGING_DATABASE_URL"' in text
+        assert "--override-staging-gate" not in text
+    assert "--record deploy-record.md" in rollouts[0] and "--yes" not in rollouts[0]

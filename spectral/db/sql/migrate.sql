@@ -2,10 +2,9 @@
 
 -- name: lock
 -- One migrator at a time per database (the key is 'spectral migrate' as a 64-bit int).
-SELECT pg_advisory_lock(7089812386431062136);
-
--- name: unlock
-SELECT pg_advisory_unlock(7089812386431062136);
+-- Transaction-scoped, taken first in each of the migrator's transactions: a session lock
+-- would not survive a transaction pooler.
+SELECT pg_advisory_xact_lock(7089812386431062136);
 
 -- name: bootstrap
 -- The schema and the table that records applied migrations.

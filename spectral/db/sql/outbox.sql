@@ -112,6 +112,14 @@ SELECT 1 FROM core.outbox
 WHERE id = $1 AND claim_token = $2 AND status = 'CLAIMED'
 FOR KEY SHARE;
 
+-- name: turn_local
+-- Set for the rest of a turn's transaction, after the claim check and the ledger row and
+-- before the handler's first statement: behind a pooler the idle-in-transaction bound
+-- ($1 ms; it cannot be a startup parameter there), and the handler role ($2), so the
+-- handler's SQL runs with that role's privileges. '' leaves a setting alone.
+SELECT CASE WHEN $1::text <> '' THEN set_config('idle_in_transaction_session_timeout', $1, true) END,
+       CASE WHEN $2::text <> '' THEN set_config('role', $2, true) END;
+
 -- name: turn_ledger
 -- The ledger row that makes the handler's effects happen once. A concurrent insert of
 -- the same key waits for the other transaction; a committed one returns no row.

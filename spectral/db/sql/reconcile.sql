@@ -68,7 +68,7 @@ WITH orphans AS (
     FROM core.outbox AS o
     LEFT JOIN core.workers AS w ON w.worker_id = o.claimed_by
     WHERE o.status = 'CLAIMED'
-      AND (w.worker_id IS NULL OR w.state = 'exited'
+      AND (w.worker_id IS NULL OR w.state IN ('exited', 'lost')
            OR w.last_seen < clock_timestamp()
                             - make_interval(secs => coalesce(2 * w.heartbeat_seconds, $1)))
     ORDER BY o.id
@@ -139,6 +139,7 @@ INSERT INTO core.generation_handovers (from_generation, to_generation, policy, r
 VALUES ($1, $2, $3, $4);
 
 -- name: stale_workers
--- Workers that are not exited and have not beaten for $1 s (left in place for operators).
+-- Workers that are not exited and have not beaten for $1 s (left in place for operators;
+-- the pruner marks them 'lost' after SPECTRAL_WORKER_LOST_AFTER).
 SELECT worker_id, generation, last_seen FROM core.workers
-WHERE state <> 'exited' AND last_seen < clock_timestamp() - make_interval(secs => $1);
+WHERE state NOT IN ('exited', 'lost') AND last_seen < clock_timestamp() - make_interval(secs => $1);

@@ -34,7 +34,13 @@ ORDER BY generation DESC;
 -- name: list_workers
 -- Every worker row, most recent beat first; $1 seconds after which a beat is stale.
 SELECT worker_id, generation, environment, service, state, last_seen, started_at,
-       (state <> 'exited' AND last_seen < clock_timestamp() - make_interval(secs => $1))
+       (state NOT IN ('exited', 'lost')
+        AND last_seen < clock_timestamp() - make_interval(secs => $1))
            AS stale
 FROM core.workers
 ORDER BY last_seen DESC;
+
+-- name: can_set_role
+-- Whether role $1 exists (NULL when not) and this session's role may SET ROLE to it.
+SELECT CASE WHEN r.oid IS NULL THEN NULL ELSE pg_has_role(current_user, r.oid, 'MEMBER') END
+FROM (SELECT 1) AS one LEFT JOIN pg_roles AS r ON r.rolname = $1;
