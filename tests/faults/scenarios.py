@@ -126,10 +126,10 @@ def sigkill_after_commit(s: Scene, full: bool) -> None:
 @scenario("sigterm-burst", "SIGTERM during a burst, and SIGTERM twice (exit 130)")
 def sigterm_burst(s: Scene, full: bool) -> None:
     # Turns of 0.5 s: the second SIGTERM lands while the first drain still waits for them.
-    s.produce(2000 if full else 600, payload={"sleep": 0.5})
+    s.produce(2000 if full else 200, payload={"sleep": 0.5})
     workers = [s.spawn() for _ in range(3)]
     s.ready(*workers)
-    with s.load(rate=100, payload={"sleep": 0.5}):
+    with s.load(rate=100 if full else 30, payload={"sleep": 0.5}):
         s.wait_for(lambda: s.in_transaction() >= 5, 20, "turns in flight")
         s.mark_fault()
         s.signal(workers[0], signal.SIGTERM)
