@@ -43,7 +43,7 @@ _CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
 
 
 class DashboardStore(Protocol):
-    async def outbox_counts(self) -> list[dict[str, Any]]: ...
+    async def all_outbox_counts(self) -> list[dict[str, Any]]: ...
     async def workers(self, stale_after: float) -> list[dict[str, Any]]: ...
     async def latest_deployments(self, limit: int = 5) -> list[dict[str, Any]]: ...
     async def last_reconcile_pass(self) -> dict[str, Any] | None: ...
@@ -170,7 +170,7 @@ class Dashboard:
         now = datetime.now(UTC)
         deployments = await self._store.latest_deployments(10)
         workers = await self._store.workers(self._stale_after)
-        outbox = await self._store.outbox_counts()
+        outbox = await self._store.all_outbox_counts()
         judged = verdicts(deployments, workers, outbox, self._stale_after)
         live: dict[int, int] = {}
         for w in workers:

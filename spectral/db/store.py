@@ -398,6 +398,11 @@ class Store:
         from their partial indexes: DONE rows are never counted (see :meth:`table_health`)."""
         return await self.fetch(OBSERVE.live_counts, DEAD_COUNT_CAP)
 
+    async def all_outbox_counts(self) -> list[dict[str, Any]]:
+        """Every row by generation and status, DONE included: a full count whose cost grows
+        with the table (the dashboard's table, looked at by people, not by probes)."""
+        return await self.fetch(OUTBOX.counts)
+
     async def get_event(self, event_id: int) -> dict[str, Any] | None:
         rows = await self.fetch(OUTBOX.get_event, event_id)
         return rows[0] if rows else None
