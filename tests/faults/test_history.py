@@ -5,7 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from .history import History, Row, check, read_outside
+
+pytestmark = pytest.mark.faults
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
