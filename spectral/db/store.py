@@ -367,6 +367,10 @@ class Store:
     async def newest_generation(self) -> int | None:
         return await hop(_aio.newest_generation, self._pool)
 
+    async def deployed_at(self, generation: int) -> datetime | None:
+        """When ``generation`` was deployed; None when it is unknown."""
+        return await self.fetchval(OBSERVE.deployed_at, generation)  # type: ignore[no-any-return]
+
     async def generation_exists(self, generation: int) -> bool:
         return bool(await self.fetchval(DEPLOYMENTS.generation_exists, generation))
 
@@ -554,9 +558,10 @@ class Connection:
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await hop(_aio.conn_fetchval, self._conn, sql, args)
 
-    async def begin_and_fetchval(self, sql: str, *args: Any) -> Any:
-        """Open a transaction that stays open until :meth:`aclose`, and run ``sql`` in it."""
-        return await hop(_aio.begin_and_fetchval, self._conn, sql, args)
+    async def try_deploy_lock(self) -> bool:
+        """Take the database's deploy lock in a transaction left open until :meth:`aclose`;
+        False when another rollout holds it."""
+        return bool(await hop(_aio.begin_and_fetchval, self._conn, DEPLOYMENTS.try_deploy_lock, ()))
 
     async def aclose(self) -> None:
         """Close within :data:`CLEANUP_TIMEOUT`, shielded from cancellation."""
