@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import __version__, logs
+from . import logs
+from ._version import __version__
 from .app import App
 from .config import Settings
 from .db import Store, embedded, migrate, open_database, redact, resolve_url

@@ -42,7 +42,7 @@ from .actors.listener import OutboxListener
 from .actors.pruner import Pruner, PruneSettings
 from .actors.reaper import Reaper
 from .actors.reconciler import Reconciler, ReconcileSettings
-from .actors.user import ActorSupervisor
+from .actors.supervisor import ActorSupervisor
 from .app import App
 from .config import Settings
 from .db import Store, applied_versions, latest_version, migrate, open_database, shipped
