@@ -276,10 +276,7 @@ async def turn_begin(
 
 
 @translated
-async def turn_query(
-    pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any, mode: QueryMode, sql: str,
-    args: Sequence[Any],
-) -> Any:
+async def turn_query(conn: asyncpg.Connection, mode: QueryMode, sql: str, args: Sequence[Any]) -> Any:
     """One statement inside an open handler transaction (a failing one aborts it)."""
     return await _run(conn, mode, sql, args)
 

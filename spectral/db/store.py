@@ -635,7 +635,7 @@ class TurnTx:
             self._conn, self._tr = conn, tr
             return result
         try:
-            return await hop(_aio.turn_query, self._pool, self._conn, self._tr, mode, sql, args)
+            return await hop(_aio.turn_query, self._conn, mode, sql, args)
         except SpectralError as exc:  # every server-side error aborts the transaction
             self.failure = str(exc)
             raise
