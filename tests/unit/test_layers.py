@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # The HTTP actor serves the dashboard's routes, so ui.py sits with it.
     ("actors", ["spectral.turns", "spectral.actors.*", "spectral.ui"]),
     ("runtime", ["spectral.runtime", "spectral.rollout", "spectral.testing", "spectral.testing.*"]),
-    ("surface", ["spectral", "spectral.__main__", "spectral.cli", "spectral.demo"]),
+    ("surface", ["spectral", "spectral.__main__", "spectral.cli", "spectral.render", "spectral.demo"]),
 ]
 
 #: Known imports against the layers, each with the reason it is still here.
