@@ -24,6 +24,7 @@ from ._version import __version__
 from .app import App
 from .config import Settings
 from .db import Store, embedded, migrate, open_database, redact, resolve_url
+from .db.rows import NewDeployment, ReconcilePass
 from .db.urls import password_of
 from .errors import (
     AppLoadError,
@@ -578,7 +579,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings, url: str) -> int:
 
 
 def cmd_allocate(args: argparse.Namespace, settings: Settings, url: str) -> int:
-    async def main() -> dict[str, Any]:
+    async def main() -> NewDeployment:
         async with _open(url, settings) as store:
             return await store.allocate_generation(args.reference, args.deployed_by, args.tag)
 
@@ -604,7 +605,7 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_reconcile(args: argparse.Namespace, settings: Settings, url: str) -> int:
     action = args.reconcile_command
 
-    async def main() -> tuple[bool | None, dict[str, Any] | None]:
+    async def main() -> tuple[bool | None, ReconcilePass | None]:
         async with _open(url, settings) as store:
             if action != "status":
                 await store.set_reconcile_enabled(

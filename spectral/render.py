@@ -11,6 +11,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from .db.rows import ReconcilePass
+
 
 class _Verdict(Protocol):
     @property
@@ -128,7 +130,7 @@ def deploy_history(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def reconcile_status(override: bool | None, last: dict[str, Any] | None) -> list[str]:
+def reconcile_status(override: bool | None, last: ReconcilePass | None) -> list[str]:
     """`spectral reconcile`: the live override and the last pass."""
     state = "not set (SPECTRAL_RECONCILE_ENABLED decides)" if override is None else (
         "on" if override else "off")

@@ -31,6 +31,7 @@ from ._queries import (
     TESTING,
     WORKERS,
 )
+from .rows import Deployment, LiveCount, NewDeployment, PrunePass, ReconcilePass, Worker
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -284,9 +285,9 @@ class Store:
     ) -> None:
         await self.execute(RECONCILE.finish_pass, pass_id, json.dumps(unblocked), json.dumps(errors))
 
-    async def last_reconcile_pass(self) -> dict[str, Any] | None:
+    async def last_reconcile_pass(self) -> ReconcilePass | None:
         rows = await self.fetch(RECONCILE.last_pass)
-        return _pass_row(rows[0] if rows else None, "unblocked")
+        return _pass_row(rows[0] if rows else None, "unblocked")  # type: ignore[return-value]
 
     async def sweep_lost_wakeups(self, grace: float, stale: float) -> dict[int, int]:
         rows = await self.fetch(RECONCILE.lost_wakeups, grace, stale)
@@ -314,9 +315,9 @@ class Store:
     ) -> None:
         await self.execute(PRUNE.finish_pass, pass_id, json.dumps(pruned), json.dumps(errors))
 
-    async def last_prune_pass(self) -> dict[str, Any] | None:
+    async def last_prune_pass(self) -> PrunePass | None:
         rows = await self.fetch(PRUNE.last_pass)
-        return _pass_row(rows[0] if rows else None, "pruned")
+        return _pass_row(rows[0] if rows else None, "pruned")  # type: ignore[return-value]
 
     async def prune(self, kind: str, retention: float, limit: int) -> tuple[int, int]:
         """Delete one batch of ``kind`` older than ``retention`` seconds (see prune.sql);
@@ -376,12 +377,12 @@ class Store:
 
     async def allocate_generation(
         self, reference: str, deployed_by: str | None, tag: str | None
-    ) -> dict[str, Any]:
+    ) -> NewDeployment:
         rows = await self.fetch(DEPLOYMENTS.allocate_generation, reference, deployed_by, tag)
-        return rows[0]
+        return rows[0]  # type: ignore[return-value]
 
-    async def latest_deployments(self, limit: int = 5) -> list[dict[str, Any]]:
-        return await self.fetch(DEPLOYMENTS.latest_deployments, limit)
+    async def latest_deployments(self, limit: int = 5) -> list[Deployment]:
+        return await self.fetch(DEPLOYMENTS.latest_deployments, limit)  # type: ignore[return-value]
 
     # --- operators -------------------------------------------------------------------
 
@@ -397,17 +398,17 @@ class Store:
             await self.execute(RECONCILE.record_handover, generation, to_generation, "manual", len(ids))
         return ids
 
-    async def outbox_counts(self) -> list[dict[str, Any]]:
+    async def outbox_counts(self) -> list[LiveCount]:
         """PENDING, CLAIMED and DEAD rows by generation (DEAD up to :data:`DEAD_COUNT_CAP`),
         from their partial indexes: DONE rows are never counted (see :meth:`table_health`)."""
-        return await self.fetch(OBSERVE.live_counts, DEAD_COUNT_CAP)
+        return await self.fetch(OBSERVE.live_counts, DEAD_COUNT_CAP)  # type: ignore[return-value]
 
     async def get_event(self, event_id: int) -> dict[str, Any] | None:
         rows = await self.fetch(OUTBOX.get_event, event_id)
         return rows[0] if rows else None
 
-    async def workers(self, stale_after: float) -> list[dict[str, Any]]:
-        return await self.fetch(WORKERS.list_workers, stale_after)
+    async def workers(self, stale_after: float) -> list[Worker]:
+        return await self.fetch(WORKERS.list_workers, stale_after)  # type: ignore[return-value]
 
     async def can_set_role(self, role: str) -> bool | None:
         """Whether the login role may switch to ``role``; None when ``role`` does not exist."""
