@@ -4,7 +4,10 @@ print as JSON unchanged), checked key by key by mypy where they are read."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
+
+#: What the pruner deletes, each a named block of prune.sql.
+PruneKind = Literal["done", "dead", "workers", "reconcile_passes", "prune_passes", "handovers"]
 
 
 class NewDeployment(TypedDict):

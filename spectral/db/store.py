@@ -31,7 +31,15 @@ from ._queries import (
     TESTING,
     WORKERS,
 )
-from .rows import Deployment, LiveCount, NewDeployment, PrunePass, ReconcilePass, Worker
+from .rows import (
+    Deployment,
+    LiveCount,
+    NewDeployment,
+    PruneKind,
+    PrunePass,
+    ReconcilePass,
+    Worker,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -319,7 +327,7 @@ class Store:
         rows = await self.fetch(PRUNE.last_pass)
         return _pass_row(rows[0] if rows else None, "pruned")  # type: ignore[return-value]
 
-    async def prune(self, kind: str, retention: float, limit: int) -> tuple[int, int]:
+    async def prune(self, kind: PruneKind, retention: float, limit: int) -> tuple[int, int]:
         """Delete one batch of ``kind`` older than ``retention`` seconds (see prune.sql);
         returns (rows deleted, ledger rows deleted with them)."""
         return await hop(_aio.prune_batch, self._pool, getattr(PRUNE, kind), retention, limit)
