@@ -1,7 +1,6 @@
 """Spectral: a worker runtime for transactional-outbox systems on PostgreSQL, on trio."""
 
-from importlib.metadata import PackageNotFoundError, version
-
+from ._version import __version__ as __version__
 from .actors.user import ActorContext as ActorContext
 from .app import App as App
 from .config import Settings as Settings
@@ -22,11 +21,6 @@ from .errors import PayloadTooLargeError as PayloadTooLargeError
 from .errors import SpectralError as SpectralError
 from .events import Event as Event
 from .tx import Tx as Tx
-
-try:
-    __version__ = version("spectral-outbox")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "ActorContext", "AlreadyHandledError", "App", "ConfigurationError", "DatabaseError",

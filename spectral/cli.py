@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import __version__, logs
+from . import logs, render
+from ._version import __version__
 from .app import App
 from .config import Settings
 from .db import Store, embedded, migrate, open_database, redact, resolve_url
+from .db.rows import NewDeployment, ReconcilePass
 from .db.urls import password_of
 from .errors import (
     AppLoadError,
@@ -285,6 +287,11 @@ def _print(line: str = "") -> None:
     print(line, flush=True)
 
 
+def _say(lines: Sequence[str]) -> None:
+    for line in lines:
+        _print(line)
+
+
 # --- commands ------------------------------------------------------------------------
 
 
@@ -305,12 +312,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings, url: str) -> int:
         async with _open(url, settings):
             report = await migrate(url, settings.payload_cap_to_apply,
                                    stale_after=settings.heartbeat_stale_after)
-        if report.applied:
-            for m in report.applied:
-                _print(f"applied {m.version:04d}_{m.name} ({m.kind})")
-        else:
-            _print("nothing to apply")
-        _print(f"schema core at version {report.current}")
+        _say(render.migrated(report.applied, report.current))
 
     trio.run(main)
     return 0
@@ -379,7 +381,7 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings, url: str) -> int:
             return await store.requeue_topic(args.topic, args.to_generation)
 
     ids = trio.run(main)
-    _print(f"requeued {len(ids)} events" + (f": {', '.join(map(str, ids))}" if ids else ""))
+    _print(render.requeued(ids))
     return 0
 
 
@@ -414,37 +416,9 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings, url: str) -> int:
     view["health"] = health_view(tables, horizon, sum(int(r["n"]) for r in view["outbox"]))
     if args.json:
         view["verdicts"] = [v.as_dict() for v in judged]
-        _print(json.dumps(view, default=str, indent=2))
+        _print(render.as_json(view, indent=2))
         return 0
-    _print("deployments (newest first):")
-    for d in view["deployments"]:
-        _print(f"  gen {d['generation']:>4}  {d['deployed_at']:%Y-%m-%d %H:%M:%S}  "
-               f"{d['reference']}  {d['tag'] or ''}  {d['deployed_by'] or ''}".rstrip()
-               + ("  (retired)" if d.get("retired_at") else ""))
-    _print("workers (most recent beat first):")
-    for w in view["workers"]:
-        flag = "  STALE" if w["stale"] else ""
-        _print(f"  gen {w['generation']:>4}  {w['state']:<12} last_seen "
-               f"{w['last_seen']:%Y-%m-%d %H:%M:%S}  {w['worker_id']}{flag}")
-    _print("outbox (generation x status):")
-    for row in view["outbox"]:
-        _print(f"  gen {row['generation']:>4}  {row['status']:<8} {row['n']}")
-    _print(f"  DONE rows (estimated): {view['health']['done_estimate']}")
-    last = view["last_prune_pass"]
-    if last is None:
-        _print("pruner: no pass yet")
-    else:
-        took = (last["finished_at"] - last["started_at"]).total_seconds()
-        _print(f"pruner: last pass {last['started_at']:%Y-%m-%d %H:%M:%S} by {last['worker_id']} "
-               f"in {took:.3f}s, pruned {json.dumps(last['pruned'])}, "
-               f"{len(last['errors'])} errors")
-    _print_blocked_keys(view["blocked_keys"])
-    _print("verdicts:")
-    for v in judged:
-        _print(f"  [{'ok' if v.ok else '!!'}] {v.message}")
-    _print("health:")
-    for h in view["health"]["verdicts"]:
-        _print(f"  [{'ok' if h['ok'] else '!!'}] {h['message']}")
+    _say(render.inspection(view, judged))
     return 0
 
 
@@ -478,40 +452,18 @@ def cmd_prune(args: argparse.Namespace, settings: Settings, url: str) -> int:
         _print("another prune pass is running; nothing done")
         return 0
     if args.json:
-        _print(json.dumps({"dry_run": args.dry_run, **result}))
+        _print(render.as_json({"dry_run": args.dry_run, **result}))
         return 0
     if args.dry_run:
-        _print("a prune pass would now:")
-        def rows(kind: str) -> str:
-            n = result[kind]
-            return f"at least {n}" if n >= DRY_RUN_CAP else str(n)
-
-        _print(f"  delete {rows('done')} DONE rows acknowledged over {configured.retain_done:.0f}s "
-               "ago, with their ledger rows")
-        _print(f"  delete {rows('dead')} DEAD rows dead for over {configured.retain_dead:.0f}s, "
-               "with their ledger rows")
-        _print(f"  mark {result['lost']} workers lost (no beat for over {configured.lost_after:.0f}s)")
-        _print(f"  delete {result['workers']} exited or lost workers' rows "
-               f"(last beat over {configured.retain_workers:.0f}s ago)")
-        _print(f"  delete {result['reconcile_passes']} reconcile passes, {result['prune_passes']} "
-               f"prune passes and {result['handovers']} hand-overs older than "
-               f"{configured.retain_records:.0f}s")
+        _say(render.would_prune(
+            result, cap=DRY_RUN_CAP, retain_done=configured.retain_done,
+            retain_dead=configured.retain_dead, lost_after=configured.lost_after,
+            retain_workers=configured.retain_workers, retain_records=configured.retain_records))
         return 0
     errors = result.pop("errors")
     took = result.pop("duration_seconds")
-    _print(f"pruned in {took}s: " + ", ".join(f"{k} {v}" for k, v in result.items()))
-    for error in errors:
-        _print(f"  error: {error}")
+    _say(render.pruned(result, errors, took))
     return 1 if errors else 0
-
-
-def _print_blocked_keys(blocked: list[dict[str, Any]]) -> None:
-    _print(f"blocked keys (a DEAD event holds them): {len(blocked)}"
-           + (" (first 20)" if len(blocked) >= 20 else ""))
-    for b in blocked:
-        _print(f"  key {b['key']!r}  head event {b['head_id']} ({b['topic']}, gen "
-               f"{b['generation']})  {b['waiting']} waiting  {b['dead_reason'] or ''}".rstrip()
-               + f"  -> spectral requeue --id {b['head_id']} | spectral skip --id {b['head_id']}")
 
 
 def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
@@ -614,10 +566,10 @@ def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:
             )
 
     result = trio.run(main)
-    for check in result.checks if not args.json else ():
-        _print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+    if not args.json:
+        _say(render.checks(result.checks))
     if args.json:
-        _print(json.dumps(result.as_dict()))
+        _print(render.as_json(result.as_dict()))
     elif result.status == "success":
         _print(f"success: generation {result.generation} serving ({result.new_process})")
     elif result.status == "rolled_back":
@@ -649,31 +601,18 @@ def cmd_history(args: argparse.Namespace, settings: Settings, url: str) -> int:
             return await store.deploy_history(args.history_environment, args.limit)
 
     rows = trio.run(main)
-    if args.json:
-        _print(json.dumps(rows, default=str, indent=2))
-        return 0
-    _print(f"{'id':>5}  {'environment':<12} {'verdict':<12} {'gen':>4}  {'target':<8} "
-           f"{'finished (UTC)':<19}  {'checks':<7} {'by':<10} reference")
-    for r in rows:
-        passed = sum(1 for c in r["checks"] if c["result"] == "PASS")
-        counted = f"{passed}/{len(r['checks'])}"
-        finished = r["finished_at"] or r["started_at"]
-        _print(f"{r['id']:>5}  {r['environment'] or '-':<12} {r['verdict'] or r['status']:<12} "
-               f"{r['generation'] if r['generation'] is not None else '-':>4}  {r['target']:<8} "
-               f"{finished:%Y-%m-%d %H:%M:%S}  {counted:<7} "
-               f"{r['deployed_by'] or '-':<10} {r['reference'] or '-'}"
-               + (f"  override: {r['override_reason']}" if r["override_reason"] else ""))
+    _say([render.as_json(rows, indent=2)] if args.json else render.deploy_history(rows))
     return 0
 
 
 def cmd_allocate(args: argparse.Namespace, settings: Settings, url: str) -> int:
-    async def main() -> dict[str, Any]:
+    async def main() -> NewDeployment:
         async with _open(url, settings) as store:
             return await store.allocate_generation(args.reference, args.deployed_by, args.tag)
 
     row = trio.run(main)
     if args.json:
-        _print(json.dumps(row, default=str))
+        _print(render.as_json(row))
     else:
         _print(str(row["generation"]))
     return 0
@@ -693,7 +632,7 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_reconcile(args: argparse.Namespace, settings: Settings, url: str) -> int:
     action = args.reconcile_command
 
-    async def main() -> tuple[bool | None, dict[str, Any] | None]:
+    async def main() -> tuple[bool | None, ReconcilePass | None]:
         async with _open(url, settings) as store:
             if action != "status":
                 await store.set_reconcile_enabled(
@@ -702,12 +641,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings, url: str) -> int
             return await store.reconcile_enabled_override(), await store.last_reconcile_pass()
 
     override, last = trio.run(main)
-    state = "not set (SPECTRAL_RECONCILE_ENABLED decides)" if override is None else (
-        "on" if override else "off")
-    _print(f"reconciler override: {state}")
-    if last is not None:
-        _print(f"last pass: {last['started_at']:%Y-%m-%d %H:%M:%S} by {last['worker_id']}, "
-               f"unblocked {json.dumps(last['unblocked'])}, {len(last['errors'])} errors")
+    _say(render.reconcile_status(override, last))
     return 0
 
 

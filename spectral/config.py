@@ -20,12 +20,11 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
 
-#: Topics: dot-separated segments of letters, digits, ``_`` and ``-``; 1 to 128 characters.
-TOPIC_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$"
-TOPIC_MAX_LENGTH = 128
-# Python's "$" also matches before a trailing newline ("a.b\n" would pass); PostgreSQL's
-# does not. "\Z" holds Python to the database's rule.
-TOPIC_RE = re.compile(TOPIC_PATTERN.removesuffix("$") + r"\Z")
+# The topic rule lives with the rest of the publish contract (spectral.rules).
+from .rules import TOPIC_MAX_LENGTH as TOPIC_MAX_LENGTH
+from .rules import TOPIC_PATTERN as TOPIC_PATTERN
+from .rules import TOPIC_RE as TOPIC_RE
+from .rules import generation_number
 
 ENVIRONMENTS = ("development", "test", "staging", "production")
 
@@ -107,10 +106,7 @@ def _bool(raw: str) -> bool:
     raise ValueError("must be one of true/false, yes/no, on/off, 1/0")
 
 
-def _generation(raw: str) -> int | None:
-    if raw.strip() == "":
-        return None
-    return _positive_int(raw)
+_generation = generation_number
 
 
 def _environment(raw: str) -> str:

@@ -33,7 +33,6 @@ from typing import Any
 import trio
 
 from .db import Connection, Store
-from .db._queries import DEPLOYMENTS
 from .errors import RolloutRefusedError as RolloutRefusedError
 from .errors import SpectralError
 from .records import Check, RolloutPlan
@@ -168,7 +167,7 @@ def docker_commands(
 async def _lock(store: Store) -> Connection:
     conn = await store.connect("spectral-rollout")
     # Held by a transaction left open until the connection closes (see the query).
-    if not await conn.begin_and_fetchval(DEPLOYMENTS.try_deploy_lock):
+    if not await conn.try_deploy_lock():
         await conn.aclose()
         raise RolloutLockedError(
             "another rollout holds this database's deploy lock; wait for it to finish"

@@ -42,11 +42,10 @@ from .actors.listener import OutboxListener
 from .actors.pruner import Pruner, PruneSettings
 from .actors.reaper import Reaper
 from .actors.reconciler import Reconciler, ReconcileSettings
-from .actors.user import ActorSupervisor
+from .actors.supervisor import ActorSupervisor
 from .app import App
 from .config import Settings
 from .db import Store, applied_versions, latest_version, migrate, open_database, shipped
-from .db._queries import OBSERVE
 from .errors import ConfigurationError, NoGenerationError, SchemaNotReadyError
 from .metrics import Metrics
 from .observe import QueueSnapshot
@@ -298,7 +297,7 @@ async def _http_server(
     # start-up imports and several MiB of resident memory).
     from .actors.http import HttpServer
 
-    deployed_at = await store.fetchval(OBSERVE.deployed_at, state.generation)
+    deployed_at = await store.deployed_at(state.generation)
     return HttpServer(
         state=state, snapshot=snapshot, metrics=metrics, version=version,
         service=app.service, environment=settings.environment,

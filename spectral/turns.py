@@ -18,11 +18,11 @@ from typing import Protocol
 
 import trio
 
-from .actors._backoff import backoff_delay
 from .app import App, HandlerSpec
 from .db import Ack, ClaimedRow, Fail, Handled, Release, Settlement, TurnTx
 from .errors import AlreadyHandledError
 from .events import Event
+from .rules import backoff_delay
 from .state import InFlight, RuntimeState
 from .tracing import turn_span
 from .tx import Tx

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 
 #: Files whose sha256 identifies the dependency set (the lock hashes of version.json);
 #: the same patterns as deploy/build-version.sh.

@@ -8,15 +8,10 @@ import random
 import trio
 
 from ..errors import DatabaseUnavailableError, ReconnectBudgetExhaustedError
+from ..rules import backoff_delay
 from ..state import RuntimeState
 
 log = logging.getLogger("spectral.reconnect")
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Equal-jitter exponential backoff: half the step fixed, half random, capped."""
-    step = min(cap, base * (2.0 ** max(0, attempt - 1)))
-    return float(step / 2 + rng.uniform(0, step / 2))
 
 
 class Reconnector:

@@ -111,6 +111,12 @@ class HttpServer:
             "reconnects": self._state.counters.reconnects,
         }
 
+    def _health(self) -> tuple[int, bytes]:
+        """/health's status and body: 503 from the first signal of a drain, else 200."""
+        if self._state.draining.is_set():
+            return 503, _HEALTH_DRAINING
+        return 200, _HEALTH_OK
+
     def _checks(self) -> dict[str, Any]:
         now = time.monotonic()
         beat = self._state.last_beat
@@ -159,11 +165,12 @@ class HttpServer:
         app = QuartTrio("spectral")
         app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
+        # Only other methods reach the framework (405); asgi() answers GET and HEAD.
         @app.get("/health")
-        async def health() -> tuple[dict[str, Any], int]:
-            if self._state.draining.is_set():
-                return {"status": "draining"}, 503
-            return {"status": "ok"}, 200
+        async def health() -> Response:
+            status, body = self._health()
+            return Response(body, status=status, content_type="application/json",
+                            headers={"Cache-Control": "no-store"})
 
         @app.get("/ready")
         async def ready() -> tuple[dict[str, Any], int]:
@@ -252,10 +259,9 @@ class HttpServer:
         if scope["type"] == "http" and scope["path"] == "/health" and scope["method"] in (
             "GET", "HEAD"
         ):
-            draining = self._state.draining.is_set()
-            body = _HEALTH_DRAINING if draining else _HEALTH_OK
+            status, body = self._health()
             start: HTTPResponseStartEvent = {
-                "type": "http.response.start", "status": 503 if draining else 200,
+                "type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
                             (b"cache-control", b"no-store")],

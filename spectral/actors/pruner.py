@@ -16,6 +16,7 @@ from typing import Any, NoReturn, Protocol
 
 import trio
 
+from ..db.rows import PruneKind
 from ..errors import DatabaseError
 from ..state import RuntimeState
 
@@ -23,7 +24,7 @@ log = logging.getLogger("spectral.pruner")
 
 #: What a pass deletes, in order, each with the retention setting it uses. Outbox rows
 #: come with their ledger rows (counted under "ledger").
-KINDS = (
+KINDS: tuple[tuple[PruneKind, str], ...] = (
     ("done", "retain_done"),
     ("dead", "retain_dead"),
     ("workers", "retain_workers"),
@@ -41,7 +42,7 @@ class PrunerStore(Protocol):
     async def finish_prune_pass(
         self, pass_id: int, pruned: dict[str, int], errors: list[str]
     ) -> None: ...
-    async def prune(self, kind: str, retention: float, limit: int) -> tuple[int, int]: ...
+    async def prune(self, kind: PruneKind, retention: float, limit: int) -> tuple[int, int]: ...
     async def mark_lost_workers(self, after: float) -> list[tuple[str, int]]: ...
 
 
@@ -145,8 +146,8 @@ class Pruner:
         report = PruneReport(duration, pruned, errors)
         self.passes += 1
         self.failures += 1 if errors else 0
-        for kind, n in pruned.items():
-            self.pruned_total[kind] += n
+        for counter, n in pruned.items():
+            self.pruned_total[counter] += n
         self.last = report
         self._publish()
         if any(pruned.values()) or errors:
@@ -154,7 +155,7 @@ class Pruner:
                                           "errors": len(errors), "duration": round(duration, 4)})
         return report
 
-    async def _prune_kind(self, kind: str, retention: float, pruned: dict[str, int],
+    async def _prune_kind(self, kind: PruneKind, retention: float, pruned: dict[str, int],
                           t0: float) -> None:
         s = self._settings
         while True:

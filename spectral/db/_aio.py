@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from ..events import NO_EXTRAS, PublishExtras
+from ..rules import NO_EXTRAS, PublishExtras
 from ._errors import translated
 from ._queries import DEPLOYMENTS, OBSERVE, OUTBOX, PRUNE, PUBLISH, RECONCILE, WORKERS
 
@@ -260,27 +260,24 @@ async def turn_begin(
                 await conn.execute(OUTBOX.turn_local, *local)
             return conn, tr, await _run(conn, mode, sql, args)
         if await conn.fetchval(OUTBOX.turn_begin, event_id, token) is None:
-            await tr.rollback()
-            await pool.release(conn)
-            return None, None, TurnOutcome.CLAIM_LOST
-        if await conn.fetchval(OUTBOX.turn_ledger, handler, event_id) is None:
-            await tr.rollback()
-            await pool.release(conn)
-            return None, None, TurnOutcome.ALREADY_HANDLED
-        if local is not None:
-            await conn.execute(OUTBOX.turn_local, *local)
-        result = await _run(conn, mode, sql, args)
+            refused = TurnOutcome.CLAIM_LOST
+        elif await conn.fetchval(OUTBOX.turn_ledger, handler, event_id) is None:
+            refused = TurnOutcome.ALREADY_HANDLED
+        else:
+            if local is not None:
+                await conn.execute(OUTBOX.turn_local, *local)
+            return conn, tr, await _run(conn, mode, sql, args)
     except BaseException:
         await _abandon(pool, conn, tr)
         raise
-    return conn, tr, result
+    # Released here, outside the try: a failure while returning the connection must not
+    # lead _abandon to release it a second time.
+    await _abandon(pool, conn, tr)
+    return None, None, refused
 
 
 @translated
-async def turn_query(
-    pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any, mode: QueryMode, sql: str,
-    args: Sequence[Any],
-) -> Any:
+async def turn_query(conn: asyncpg.Connection, mode: QueryMode, sql: str, args: Sequence[Any]) -> Any:
     """One statement inside an open handler transaction (a failing one aborts it)."""
     return await _run(conn, mode, sql, args)
 
@@ -300,14 +297,22 @@ async def turn_rollback(pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any) -
 
 
 async def _abandon(pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any) -> None:
-    """Roll back and return the connection; a broken connection is discarded instead."""
+    """Roll back and return the connection; a broken connection is discarded instead.
+
+    It never raises: the turn's outcome is already decided, and a rollback that fails
+    leaves the server to abort the transaction when the connection goes.
+    """
     try:
         if not conn.is_closed() and conn.is_in_transaction():
             await tr.rollback()
+    except BaseException:
+        conn.terminate()  # broken mid-rollback: the server aborts the transaction
+    try:
         await pool.release(conn)
     except BaseException:
-        conn.terminate()
-        await pool.release(conn)
+        # The pool has taken the connection back already (it discards a broken one
+        # itself); terminating it now would only raise "released back to the pool".
+        pass
 
 
 # --- publishing and the listener -------------------------------------------------------

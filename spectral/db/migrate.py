@@ -68,7 +68,7 @@ class MigrationReport:
 async def _refuse_contract_with_live_old_workers(
     conn: asyncpg.Connection, m: Migration, stale_after: float
 ) -> None:
-    if m.kind != "contract" or not await conn.fetchval("SELECT to_regclass('core.workers') IS NOT NULL"):
+    if m.kind != "contract" or not await conn.fetchval(MIGRATE.has_workers_table):
         return
     live = await conn.fetch(MIGRATE.live_older_workers, stale_after)
     if live:

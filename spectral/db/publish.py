@@ -15,8 +15,14 @@ from typing import Any, Protocol
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from ..config import Settings
-from ..events import DEFAULT_MAX_PAYLOAD_BYTES, check_topic, encode_payload, publish_extras
+from ..errors import ConfigurationError
+from ..rules import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    check_topic,
+    encode_payload,
+    generation_number,
+    publish_extras,
+)
 from . import _aio
 from .store import hop
 
@@ -32,11 +38,12 @@ class _TxLike(Protocol):
 def _producer_generation(explicit: int | None) -> int | None:
     if explicit is not None:
         return explicit
-    raw = os.environ.get("SPECTRAL_GENERATION", "")
-    if not raw.strip():
-        return None
     # Only this variable is read: an unrelated bad SPECTRAL_* value must not stop publishing.
-    return Settings.load({"SPECTRAL_GENERATION": raw}).generation
+    raw = os.environ.get("SPECTRAL_GENERATION", "")
+    try:
+        return generation_number(raw)
+    except ValueError as exc:  # worded like every settings error (spectral.config)
+        raise ConfigurationError(f"SPECTRAL_GENERATION: {exc} (got {raw!r})") from None
 
 
 async def publish(

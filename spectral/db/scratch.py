@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import trio
 
-from ..events import DEFAULT_MAX_PAYLOAD_BYTES
+from ..rules import DEFAULT_MAX_PAYLOAD_BYTES
 from . import embedded
 from .migrate import migrate
 from .store import asyncio_loop

@@ -18,7 +18,7 @@ import trio
 import trio_asyncio
 
 from ..errors import AlreadyHandledError, ClaimLostError, DatabaseError, SpectralError
-from ..events import NO_EXTRAS, PublishExtras
+from ..rules import NO_EXTRAS, PublishExtras
 from . import _aio
 from ._aio import QueryMode
 from ._queries import (
@@ -31,6 +31,15 @@ from ._queries import (
     RECONCILE,
     TESTING,
     WORKERS,
+)
+from .rows import (
+    Deployment,
+    LiveCount,
+    NewDeployment,
+    PruneKind,
+    PrunePass,
+    ReconcilePass,
+    Worker,
 )
 
 P = ParamSpec("P")
@@ -291,9 +300,9 @@ class Store:
     ) -> None:
         await self.execute(RECONCILE.finish_pass, pass_id, json.dumps(unblocked), json.dumps(errors))
 
-    async def last_reconcile_pass(self) -> dict[str, Any] | None:
+    async def last_reconcile_pass(self) -> ReconcilePass | None:
         rows = await self.fetch(RECONCILE.last_pass)
-        return _pass_row(rows[0] if rows else None, "unblocked")
+        return _pass_row(rows[0] if rows else None, "unblocked")  # type: ignore[return-value]
 
     async def sweep_lost_wakeups(self, grace: float, stale: float) -> dict[int, int]:
         rows = await self.fetch(RECONCILE.lost_wakeups, grace, stale)
@@ -321,11 +330,11 @@ class Store:
     ) -> None:
         await self.execute(PRUNE.finish_pass, pass_id, json.dumps(pruned), json.dumps(errors))
 
-    async def last_prune_pass(self) -> dict[str, Any] | None:
+    async def last_prune_pass(self) -> PrunePass | None:
         rows = await self.fetch(PRUNE.last_pass)
-        return _pass_row(rows[0] if rows else None, "pruned")
+        return _pass_row(rows[0] if rows else None, "pruned")  # type: ignore[return-value]
 
-    async def prune(self, kind: str, retention: float, limit: int) -> tuple[int, int]:
+    async def prune(self, kind: PruneKind, retention: float, limit: int) -> tuple[int, int]:
         """Delete one batch of ``kind`` older than ``retention`` seconds (see prune.sql);
         returns (rows deleted, ledger rows deleted with them)."""
         return await hop(_aio.prune_batch, self._pool, getattr(PRUNE, kind), retention, limit)
@@ -378,17 +387,21 @@ class Store:
     async def newest_generation(self) -> int | None:
         return await hop(_aio.newest_generation, self._pool)
 
+    async def deployed_at(self, generation: int) -> datetime | None:
+        """When ``generation`` was deployed; None when it is unknown."""
+        return await self.fetchval(OBSERVE.deployed_at, generation)  # type: ignore[no-any-return]
+
     async def generation_exists(self, generation: int) -> bool:
         return bool(await self.fetchval(DEPLOYMENTS.generation_exists, generation))
 
     async def allocate_generation(
         self, reference: str, deployed_by: str | None, tag: str | None
-    ) -> dict[str, Any]:
+    ) -> NewDeployment:
         rows = await self.fetch(DEPLOYMENTS.allocate_generation, reference, deployed_by, tag)
-        return rows[0]
+        return rows[0]  # type: ignore[return-value]
 
-    async def latest_deployments(self, limit: int = 5) -> list[dict[str, Any]]:
-        return await self.fetch(DEPLOYMENTS.latest_deployments, limit)
+    async def latest_deployments(self, limit: int = 5) -> list[Deployment]:
+        return await self.fetch(DEPLOYMENTS.latest_deployments, limit)  # type: ignore[return-value]
 
     # --- operators -------------------------------------------------------------------
 
@@ -412,10 +425,10 @@ class Store:
             await self.execute(RECONCILE.record_handover, generation, to_generation, "manual", len(ids))
         return ids
 
-    async def outbox_counts(self) -> list[dict[str, Any]]:
+    async def outbox_counts(self) -> list[LiveCount]:
         """PENDING, CLAIMED and DEAD rows by generation (DEAD up to :data:`DEAD_COUNT_CAP`),
         from their partial indexes: DONE rows are never counted (see :meth:`table_health`)."""
-        return await self.fetch(OBSERVE.live_counts, DEAD_COUNT_CAP)
+        return await self.fetch(OBSERVE.live_counts, DEAD_COUNT_CAP)  # type: ignore[return-value]
 
     async def all_outbox_counts(self) -> list[dict[str, Any]]:
         """Every row by generation and status, DONE included: a full count whose cost grows
@@ -426,8 +439,8 @@ class Store:
         rows = await self.fetch(OUTBOX.get_event, event_id)
         return rows[0] if rows else None
 
-    async def workers(self, stale_after: float) -> list[dict[str, Any]]:
-        return await self.fetch(WORKERS.list_workers, stale_after)
+    async def workers(self, stale_after: float) -> list[Worker]:
+        return await self.fetch(WORKERS.list_workers, stale_after)  # type: ignore[return-value]
 
     async def can_set_role(self, role: str) -> bool | None:
         """Whether the login role may switch to ``role``; None when ``role`` does not exist."""
@@ -578,9 +591,10 @@ class Connection:
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await hop(_aio.conn_fetchval, self._conn, sql, args)
 
-    async def begin_and_fetchval(self, sql: str, *args: Any) -> Any:
-        """Open a transaction that stays open until :meth:`aclose`, and run ``sql`` in it."""
-        return await hop(_aio.begin_and_fetchval, self._conn, sql, args)
+    async def try_deploy_lock(self) -> bool:
+        """Take the database's deploy lock in a transaction left open until :meth:`aclose`;
+        False when another rollout holds it."""
+        return bool(await hop(_aio.begin_and_fetchval, self._conn, DEPLOYMENTS.try_deploy_lock, ()))
 
     async def aclose(self) -> None:
         """Close within :data:`CLEANUP_TIMEOUT`, shielded from cancellation."""
@@ -654,7 +668,7 @@ class TurnTx:
             self._conn, self._tr = conn, tr
             return result
         try:
-            return await hop(_aio.turn_query, self._pool, self._conn, self._tr, mode, sql, args)
+            return await hop(_aio.turn_query, self._conn, mode, sql, args)
         except SpectralError as exc:  # every server-side error aborts the transaction
             self.failure = str(exc)
             raise

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import dockerfile
+
 from ..pg import query
 from .proc import Spectral
 
@@ -27,25 +29,22 @@ ROOT = Path(__file__).parents[2]
 DOCKERFILE = ROOT / "deploy" / "app.Dockerfile"
 
 
-def instructions() -> dict[str, list[str]]:
-    """The final stage's instructions, continuation lines joined: {keyword: [arguments]}."""
-    text = DOCKERFILE.read_text()
-    final = text[text.rindex("\nFROM "):]
-    joined = re.sub(r"\\\n\s*", " ", final)
-    found: dict[str, list[str]] = {}
-    for line in joined.splitlines():
-        keyword, _, rest = line.strip().partition(" ")
-        if keyword.isupper() and keyword.isalpha():
-            found.setdefault(keyword, []).append(rest.strip())
+def instructions() -> dict[str, list[dockerfile.Command]]:
+    """The final stage's instructions as BuildKit's parser reads them: {keyword: [commands]}."""
+    commands = dockerfile.parse_file(str(DOCKERFILE))
+    last_from = max(i for i, c in enumerate(commands) if c.cmd == "FROM")
+    found: dict[str, list[dockerfile.Command]] = {}
+    for command in commands[last_from:]:
+        found.setdefault(command.cmd, []).append(command)
     return found
 
 
 def image_env() -> dict[str, str]:
     env: dict[str, str] = {}
-    for block in instructions()["ENV"]:
-        for pair in shlex.split(block):
-            key, _, value = pair.partition("=")
-            env[key] = value
+    for command in instructions()["ENV"]:
+        for key, value in zip(command.value[::2], command.value[1::2], strict=True):
+            # BuildKit keeps the quotes; the build's expansion removes them.
+            env[key] = "".join(shlex.split(value))
     return env
 
 
@@ -70,10 +69,12 @@ def test_the_entrypoint_as_pid_1_drains_on_sigterm_and_its_healthcheck_works(
     db_url: str, tmp_path: Path
 ) -> None:
     found = instructions()
-    cmd = json.loads(found["CMD"][-1])
-    assert cmd[0] == "spectral" and found["STOPSIGNAL"] == ["SIGTERM"]
+    cmd = list(found["CMD"][-1].value)
+    assert found["CMD"][-1].json and cmd[0] == "spectral"
+    assert [c.value for c in found["STOPSIGNAL"]] == [("SIGTERM",)]
     healthcheck = found["HEALTHCHECK"][-1]
-    probe = json.loads(healthcheck[healthcheck.index("CMD ") + 4:])
+    assert healthcheck.json and healthcheck.value[0] == "CMD"
+    probe = list(healthcheck.value[1:])
 
     generation = query(db_url, "INSERT INTO core.deployments (reference) VALUES ('image')"
                                " RETURNING generation")[0]["generation"]

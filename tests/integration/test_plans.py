@@ -133,7 +133,6 @@ PERIODIC = [
     ("reconciler: orphaned claims", RECONCILE.orphaned_claims, (60.0,), "60"),
     ("reconciler: adopt retired", RECONCILE.adopt_retired, (1,), "1"),
     ("reconciler: dead retired", RECONCILE.dead_retired, (), ""),
-    ("reconciler: kept retired", RECONCILE.kept_retired, (), ""),
 ]
 
 

@@ -7,8 +7,9 @@ import random
 import pytest
 import trio
 
-from spectral.actors._backoff import Reconnector, backoff_delay
+from spectral.actors._backoff import Reconnector
 from spectral.errors import DatabaseUnavailableError, ReconnectBudgetExhaustedError
+from spectral.rules import backoff_delay
 
 from ..fakes import FixedJitter, make_state
 

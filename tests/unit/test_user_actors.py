@@ -8,7 +8,8 @@ import pytest
 import trio
 import trio.lowlevel
 
-from spectral.actors.user import HEALTHY_AFTER, RESTART_CAP, ActorContext, ActorSupervisor
+from spectral.actors.supervisor import HEALTHY_AFTER, RESTART_CAP, ActorSupervisor
+from spectral.actors.user import ActorContext
 from spectral.app import App
 from spectral.errors import DatabaseUnavailableError, InvalidTopicError
 from spectral.state import RuntimeState

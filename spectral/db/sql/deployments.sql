@@ -27,11 +27,6 @@ LIMIT $1;
 -- would not survive a transaction pooler (the next statement may reach another session).
 SELECT pg_try_advisory_xact_lock(7089812386431062138);
 
--- name: begin_rollout
--- $1 generation, $2 target, $3 old process (pid or container), returns the rollout id.
-INSERT INTO core.rollouts (generation, target, old_process) VALUES ($1, $2, $3)
-RETURNING id;
-
 -- name: finish_rollout
 -- $1 id, $2 status, $3 reason, $4 new process. A rolled-back generation is retired at once
 -- (policy adopt): nothing new is stamped with it and its rows move to a live generation.
@@ -44,10 +39,6 @@ WITH finished AS (
 UPDATE core.deployments AS d SET retired_at = clock_timestamp(), retire_policy = 'adopt'
 FROM finished
 WHERE d.generation = finished.generation AND $2 = 'rolled_back' AND d.retired_at IS NULL;
-
--- name: latest_rollouts
-SELECT id, generation, target, status, reason, new_process, old_process, started_at, finished_at
-FROM core.rollouts ORDER BY id DESC LIMIT $1;
 
 -- name: begin_record
 -- A rollout with its deploy record's fields. $1 generation, $2 target, $3 old process,

@@ -28,6 +28,10 @@ INSERT INTO core.schema_migrations (version, name, kind, checksum) VALUES ($1, $
 -- Whether core.schema_migrations exists (NULL when it does not).
 SELECT to_regclass('core.schema_migrations') IS NOT NULL;
 
+-- name: has_workers_table
+-- Whether core.workers exists yet (a contract migration checks its live workers only then).
+SELECT to_regclass('core.workers') IS NOT NULL;
+
 -- name: live_older_workers
 -- Live workers (a beat within $1 s) of generations older than the newest deployment:
 -- a contract migration would break the code they run.

@@ -125,14 +125,6 @@ WHERE d.generation = o.generation AND d.retired_at IS NOT NULL AND d.retire_poli
   AND o.status = 'PENDING' AND o.deleted_at IS NULL
 RETURNING o.id, d.generation AS from_generation;
 
--- name: kept_retired
--- PENDING rows left in generations retired with policy 'keep'.
-SELECT o.id, o.generation AS from_generation
-FROM core.outbox AS o
-JOIN core.deployments AS d ON d.generation = o.generation AND d.retired_at IS NOT NULL
-     AND d.retire_policy = 'keep'
-WHERE o.status = 'PENDING' AND o.deleted_at IS NULL;
-
 -- name: record_handover
 -- $1 from generation, $2 to generation (NULL for dead/keep), $3 policy, $4 rows.
 INSERT INTO core.generation_handovers (from_generation, to_generation, policy, rows)

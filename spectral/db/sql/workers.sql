@@ -23,14 +23,6 @@ UPDATE core.workers SET state = 'exited', last_seen = clock_timestamp(),
                         exited_at = clock_timestamp()
 WHERE worker_id = $1;
 
--- name: workers_by_generation
--- Running workers by generation with their most recent beat (the runbook's view).
-SELECT generation, count(*) AS n, max(last_seen) AS most_recent_beat
-FROM core.workers
-WHERE state = 'running'
-GROUP BY generation
-ORDER BY generation DESC;
-
 -- name: list_workers
 -- Every worker row, most recent beat first; $1 seconds after which a beat is stale.
 SELECT worker_id, generation, environment, service, state, last_seen, started_at,
