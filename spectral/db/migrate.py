@@ -52,10 +52,9 @@ def shipped() -> list[Migration]:
             raise MigrationError(f"migration {entry.name} does not declare '-- kind: expand|contract'")
         found.append(Migration(int(match.group(1)), match.group(2), kind.group(1), sql))
     versions = [m.version for m in found]
-    # Numbers are allocated to changes ahead of time, so a release may skip one that has
-    # not landed yet; they must still start at 1 and never repeat.
-    if not versions or versions[0] != 1 or len(set(versions)) != len(versions):
-        raise MigrationError(f"migration numbers must start at 1 and be unique, found {versions}")
+    # A gap means a migration file went missing: refuse rather than skip it.
+    if versions != list(range(1, len(found) + 1)):
+        raise MigrationError(f"migration numbers must run 1..N without gaps, found {versions}")
     return found
 
 

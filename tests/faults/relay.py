@@ -55,6 +55,7 @@ class Relay:
             self._sockets.append(client)
         self._forwarding.wait()  # a stalled relay answers no new connection either
         if self._closed:
+            client.close()
             return
         try:
             server = socket.create_connection(self._upstream, timeout=10)
@@ -89,3 +90,6 @@ class Relay:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            # Closed here too (closing twice is harmless): a socket this thread drops
+            # unclosed would be a ResourceWarning, which the test run turns into an error.
+            s.close()
