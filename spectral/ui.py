@@ -29,7 +29,7 @@ from quart_trio import QuartTrio
 from .errors import InvalidTopicError
 from .events import check_topic
 from .state import RuntimeState
-from .verdicts import verdicts
+from .verdicts import health_verdicts, verdicts
 
 log = logging.getLogger("spectral.ui")
 
@@ -54,6 +54,8 @@ class DashboardStore(Protocol):
     async def dead_rows(self, limit: int) -> list[dict[str, Any]]: ...
     async def dead_topics(self) -> list[dict[str, Any]]: ...
     async def blocked_keys(self, limit: int = 20) -> list[dict[str, Any]]: ...
+    async def table_health(self) -> list[dict[str, Any]]: ...
+    async def xmin_horizon(self) -> dict[str, Any]: ...
     async def throughput(self, minutes: int) -> list[dict[str, Any]]: ...
     async def requeue_ids(self, ids: list[int]) -> list[int]: ...
     async def requeue_topic(self, topic: str, generation: int | None) -> list[int]: ...
@@ -201,6 +203,9 @@ class Dashboard:
             "dead": await self._store.dead_rows(DEAD_ROWS_SHOWN),
             "dead_topics": await self._store.dead_topics(),
             "blocked": await self._store.blocked_keys(BLOCKED_KEYS_SHOWN),
+            # What kills queue tables: a held-back xmin horizon, dead-tuple bloat.
+            "health": health_verdicts(await self._store.table_health(),
+                                      await self._store.xmin_horizon()),
             "override": override,
             "reconcile_setting": None if block is None else block.get("enabled"),
             "reconcile_here": block is not None,

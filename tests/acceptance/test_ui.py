@@ -127,3 +127,15 @@ def test_the_dashboard_lists_keys_a_dead_event_blocks_with_their_head(
     cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
     assert cells == ["order-&lt;42&gt;", str(head["id"]), "billing.invoice.created", "2", "2",
                      "failed 3 of 3 attempts"]
+
+
+def test_the_dashboard_shows_the_table_health_verdicts(db_url: str, tmp_path: Path) -> None:
+    seed(db_url)
+    with running(db_url, tmp_path, 3) as (_, base):
+        cookie, _ = login(base)
+        _, _, page = call(base, "GET", "/ui", cookie=cookie)
+    health = re.findall(r'<li class="(ok|bad)" data-health="([a-z_]+)">[^ ]+ ([^<]*)</li>', page)
+    assert [(cls, name) for cls, name, _ in health] == [
+        ("ok", "xmin_horizon"), ("ok", "table_ok"), ("ok", "table_ok")], page
+    assert sorted(text.split(":")[0] for _, _, text in health[1:]) == [
+        "core.event_handled", "core.outbox"]
