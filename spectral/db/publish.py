@@ -18,6 +18,7 @@ from asyncpg.pool import PoolConnectionProxy
 from ..errors import ConfigurationError
 from ..rules import (
     DEFAULT_MAX_PAYLOAD_BYTES,
+    PublishExtras,
     check_topic,
     encode_payload,
     generation_number,
@@ -44,6 +45,19 @@ def _producer_generation(explicit: int | None) -> int | None:
         return generation_number(raw)
     except ValueError as exc:  # worded like every settings error (spectral.config)
         raise ConfigurationError(f"SPECTRAL_GENERATION: {exc} (got {raw!r})") from None
+
+
+def _checked(
+    topic: str, payload: dict[str, Any], available_at: datetime | None, generation: int | None,
+    max_payload_bytes: int, key: str | None, idempotency_key: str | None,
+    traceparent: str | None,
+) -> tuple[str, str, datetime | None, int | None, PublishExtras]:
+    """A producer's event checked before any I/O, as ``_aio.publish`` takes it: topic,
+    payload text, due time, generation (the variable's when none is given), extras."""
+    text = encode_payload(payload, max_payload_bytes)
+    check_topic(topic)
+    extras = publish_extras(key, idempotency_key, traceparent)
+    return topic, text, available_at, _producer_generation(generation), extras
 
 
 async def publish(
@@ -85,12 +99,10 @@ async def publish(
             InvalidTraceparentError: bad input; nothing was written.
         NoGenerationError: no generation given and none allocated.
     """
-    text = encode_payload(payload, max_payload_bytes)
-    check_topic(topic)
-    extras = publish_extras(key, idempotency_key, traceparent)
-    return await _aio.publish(
-        conn, topic, text, available_at, _producer_generation(generation), extras
-    )
+    return await _aio.publish(conn, *_checked(
+        topic, payload, available_at, generation, max_payload_bytes, key, idempotency_key,
+        traceparent,
+    ))
 
 
 async def publish_trio(
@@ -115,9 +127,7 @@ async def publish_trio(
         return await tx.publish(topic, payload, available_at=available_at, generation=generation,
                                 key=key, idempotency_key=idempotency_key,
                                 traceparent=traceparent)
-    text = encode_payload(payload, max_payload_bytes)
-    check_topic(topic)
-    extras = publish_extras(key, idempotency_key, traceparent)
-    return await hop(
-        _aio.publish, target, topic, text, available_at, _producer_generation(generation), extras
-    )
+    return await hop(_aio.publish, target, *_checked(
+        topic, payload, available_at, generation, max_payload_bytes, key, idempotency_key,
+        traceparent,
+    ))
