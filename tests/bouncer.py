@@ -74,6 +74,13 @@ def pgbouncer(server_url: str, mode: str, *, pool_size: int = 40) -> Iterator[in
         for path in (folder, users, config):
             os.chown(path, pw.pw_uid, pw.pw_gid)
         command = [BINARY, "-u", "postgres", str(config)]
+        if host.startswith("/"):
+            # The embedded server's socket lives in a private temporary folder of root's:
+            # let the postgres user traverse it (search permission only, nothing readable).
+            for path in (Path(host), *Path(host).parents):
+                mode = path.stat().st_mode
+                if not mode & 0o001:
+                    path.chmod(mode | 0o001)
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
