@@ -332,6 +332,7 @@ class TurnRunner:
             return _Result.OK, ""
         finally:
             self._state.in_flight.pop(key, None)
+
     async def _rollback(self, turn: TurnTx, row: ClaimedRow, spec: HandlerSpec) -> None:
         """Roll back, best effort: when the rollback itself fails the connection is broken
         and the driver discards it, so the server aborts the transaction anyway. Raising
