@@ -104,7 +104,13 @@ async def test_one_pass_per_interval_across_two_workers(store: Store) -> None:
     passes = await store.fetchval("SELECT count(*) FROM core.reconcile_passes")
     # 2.6 s at one pass per 0.5 s (the gap is 0.4 s at least): 4 to 6 passes, not 10.
     assert 3 <= passes <= 7, passes
-    assert a.passes + b.passes == passes
+    # Each worker's counter matches its own records, except for at most one pass the
+    # cancel cut off after its record was begun (documented: it stays in the record).
+    by_worker = {row["worker_id"]: row["count"] for row in await store.fetch(
+        "SELECT worker_id, count(*) FROM core.reconcile_passes GROUP BY worker_id")}
+    for worker_id, worker in (("a", a), ("b", b)):
+        recorded = by_worker.get(worker_id, 0)
+        assert recorded - 1 <= worker.passes <= recorded, (worker_id, worker.passes, by_worker)
     assert a.skipped + b.skipped >= 2
 
 
