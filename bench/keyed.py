@@ -8,6 +8,13 @@ not timed) either unkeyed or spread over --keys keys in random order, then one
 SPECTRAL_BATCH_SIZE as given). The clock runs from the worker's ready line to the last
 ``done_at``. Runs alternate keyed / unkeyed so drift on the machine hits both alike; the
 medians and their ratio are printed (the target is keyed >= 70 % of unkeyed).
+
+    .venv/bin/python bench/keyed.py --hot-key 20000
+
+measures instead what one hot key costs every other claim: the claim statement (batch
+--batch, acknowledged at once, in a loop over an unkeyed backlog) on a fresh database
+with no hot key, with --hot-key rows waiting behind a key whose head is DEAD (blocked),
+and with them waiting behind a head that is running (claimed, not acknowledged).
 """
 
 from __future__ import annotations
@@ -78,7 +85,71 @@ async def drain_once(args: argparse.Namespace, keyed: bool, run: int) -> float:
         return args.events / max(last - started, 1e-6)
 
 
+async def claim_loop(url: str, generation: int, batches: int, batch: int) -> list[float]:
+    """Milliseconds per claim statement, each batch acknowledged before the next."""
+    from spectral.db._queries import OUTBOX
+
+    conn = await asyncpg.connect(url)
+    try:
+        times: list[float] = []
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            rows = await conn.fetch(OUTBOX.claim, generation, batch, "bench", 60.0)
+            times.append((time.perf_counter() - t0) * 1000)
+            await conn.execute(
+                "UPDATE core.outbox SET status = 'DONE', done_at = now(), claim_token = NULL,"
+                " claim_expires_at = NULL WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
+        return times
+    finally:
+        await conn.close()
+
+
+async def hot_key_once(args: argparse.Namespace, hot: str) -> list[float]:
+    async with fresh_database(args.database_url, f"spectral_bench_hot_{hot}") as url:
+        generation = await spectral_install(url)
+        conn = await asyncpg.connect(url)
+        try:
+            if hot != "none":
+                head = await conn.fetchval(
+                    "SELECT core.publish($2, '{}', generation => $1, key => 'hot')",
+                    generation, NOOP_TOPIC)
+                status = "DEAD" if hot == "blocked" else "CLAIMED"
+                await conn.execute(
+                    "UPDATE core.outbox SET status = $2, claim_token = CASE WHEN $2 = 'CLAIMED'"
+                    " THEN gen_random_uuid() END, claim_expires_at = CASE WHEN $2 = 'CLAIMED'"
+                    " THEN now() + interval '1 hour' END WHERE id = $1", head, status)
+                await conn.execute(
+                    "INSERT INTO core.outbox (generation, topic, payload, key)"
+                    " SELECT $1, $2, '{}', 'hot' FROM generate_series(1, $3)",
+                    generation, NOOP_TOPIC, args.hot_key)
+            batches = 200
+            await conn.execute(
+                "INSERT INTO core.outbox (generation, topic, payload)"
+                " SELECT $1, $2, '{}' FROM generate_series(1, $3)",
+                generation, NOOP_TOPIC, batches * args.batch)
+            await conn.execute("ANALYZE core.outbox")
+        finally:
+            await conn.close()
+        return await claim_loop(url, generation, batches, args.batch)
+
+
+async def hot_key(args: argparse.Namespace) -> None:
+    print(f"claim statement, batch {args.batch}, over an unkeyed backlog; "
+          f"hot key: {args.hot_key:,} rows waiting behind its head")
+    baseline = None
+    for hot in ("none", "blocked", "running"):
+        times = await hot_key_once(args, hot)
+        p50 = statistics.median(times)
+        baseline = baseline or p50
+        print(f"  hot key {hot:<8} first claim {times[0]:8.1f} ms   median {p50:6.2f} ms"
+              f"   p99 {sorted(times)[int(len(times) * 0.99) - 1]:6.2f} ms"
+              f"   {p50 / baseline:5.2f}x")
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.hot_key:
+        await hot_key(args)
+        return
     rates: dict[bool, list[float]] = {True: [], False: []}
     for run in range(args.repeat):
         for keyed in (False, True):
@@ -103,6 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=200)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--limit", type=float, default=900.0, help="seconds a drain may take")
+    p.add_argument("--hot-key", type=int, default=0,
+                   help="measure claims beside a key with this many waiting rows instead")
     return p.parse_args(argv)
 
 

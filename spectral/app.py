@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 ON_DEAD_POLICIES = ("block", "skip")
 
 #: The reconciler's own sweeps; user sweeps may not take these names.
-BUILTIN_SWEEPS = ("lost_wakeups", "orphaned_claims", "retired_generations", "stale_workers")
+BUILTIN_SWEEPS = ("lost_wakeups", "orphaned_claims", "parked_heads", "retired_generations",
+                  "stale_workers")
 
 HandlerFn = Callable[["Event", "Tx"], Awaitable[None]]
 ActorFn = Callable[["ActorContext"], Awaitable[None]]

@@ -37,6 +37,7 @@ class ReconcilerStore(Protocol):
     ) -> None: ...
     async def sweep_lost_wakeups(self, grace: float, stale: float) -> dict[int, int]: ...
     async def sweep_orphaned_claims(self, stale: float) -> list[tuple[int, int, str | None]]: ...
+    async def sweep_parked_heads(self) -> list[tuple[int, int]]: ...
     async def sweep_retired_generations(
         self, grace: float, stale: float, policy: str
     ) -> tuple[list[int], int | None, dict[int, list[int]]]: ...
@@ -128,6 +129,7 @@ class Reconciler:
         sweeps: list[tuple[str, Callable[[], Awaitable[list[int] | int]]]] = [
             ("lost_wakeups", self._lost_wakeups),
             ("orphaned_claims", self._orphaned_claims),
+            ("parked_heads", self._parked_heads),
             ("retired_generations", self._retired_generations),
             ("stale_workers", self._stale_workers),
         ]
@@ -197,6 +199,15 @@ class Reconciler:
         if any(g == self._state.generation for _, g, _ in released):
             self._state.wake()
         return [r[0] for r in released]
+
+    async def _parked_heads(self) -> list[int]:
+        unparked = await self._store.sweep_parked_heads()
+        for event_id, generation in unparked:
+            log.warning("put back a parked row that heads its key", extra={
+                "event_id": event_id, "generation": generation})
+        if any(g == self._state.generation for _, g in unparked):
+            self._state.wake()
+        return [r[0] for r in unparked]
 
     async def _retired_generations(self) -> list[int]:
         s = self._settings

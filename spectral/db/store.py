@@ -312,6 +312,10 @@ class Store:
         rows = await self.fetch(RECONCILE.orphaned_claims, stale)
         return [(r["id"], r["generation"], r["claimed_by"]) for r in rows]
 
+    async def sweep_parked_heads(self) -> list[tuple[int, int]]:
+        rows = await self.fetch(RECONCILE.parked_heads)
+        return [(r["id"], r["generation"]) for r in rows]
+
     async def sweep_retired_generations(
         self, grace: float, stale: float, policy: str
     ) -> tuple[list[int], int | None, dict[int, list[int]]]:

@@ -131,6 +131,7 @@ PERIODIC = [
      " '{}'::bigint[], '{f,f}'::bool[]"),
     ("reconciler: lost wake-ups", RECONCILE.lost_wakeups, (120.0, 60.0), "120, 60"),
     ("reconciler: orphaned claims", RECONCILE.orphaned_claims, (60.0,), "60"),
+    ("reconciler: parked heads", RECONCILE.parked_heads, (), ""),
     ("reconciler: adopt retired", RECONCILE.adopt_retired, (1,), "1"),
     ("reconciler: dead retired", RECONCILE.dead_retired, (), ""),
 ]

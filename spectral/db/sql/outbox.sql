@@ -13,20 +13,24 @@
 -- statistics say.
 -- A keyed row is taken only when it is its key's head: no earlier row of the key, in any
 -- generation, is unfinished or DEAD-and-not-skipped (outbox_key_held_idx), and no row of
--- the key is claimed. The NOT EXISTS below drops waiting rows cheaply in the statement's
--- snapshot; core.claim_key_free then takes the key's advisory lock and checks again in a
--- fresh snapshot, so concurrent claimers never both take rows of one key.
+-- the key is claimed. The EXISTS below finds waiting rows cheaply in the statement's
+-- snapshot, and core.park_waiting parks them (available_at 'infinity', beyond this range
+-- scan; a trigger puts a key's next row back when the key moves on: migration 0010), so a
+-- waiting row costs one look, not one per claim. For the others, core.claim_key_free takes
+-- the key's advisory lock and checks again in a fresh snapshot, so concurrent claimers
+-- never both take rows of one key.
 WITH picked AS (
     SELECT o.id FROM core.outbox AS o
     WHERE o.generation = $1 AND o.status = 'PENDING' AND o.deleted_at IS NULL
       AND o.available_at <= now()
       AND (o.key IS NULL
-           OR (NOT EXISTS (
-                   SELECT 1 FROM core.outbox AS p
-                   WHERE p.key = o.key AND p.id < o.id AND p.deleted_at IS NULL
-                     AND (p.status IN ('PENDING', 'CLAIMED')
-                          OR (p.status = 'DEAD' AND p.skipped_at IS NULL)))
-               AND core.claim_key_free(o.key, o.id)))
+           OR CASE WHEN EXISTS (
+                       SELECT 1 FROM core.outbox AS p
+                       WHERE p.key = o.key AND p.id < o.id AND p.deleted_at IS NULL
+                         AND (p.status IN ('PENDING', 'CLAIMED')
+                              OR (p.status = 'DEAD' AND p.skipped_at IS NULL)))
+                   THEN core.park_waiting(o.key, o.id)
+                   ELSE core.claim_key_free(o.key, o.id) END)
     ORDER BY o.available_at, o.id
     LIMIT $2
     FOR UPDATE SKIP LOCKED

@@ -83,6 +83,22 @@ FROM orphans
 WHERE o.id = orphans.id AND o.claim_token = orphans.claim_token AND o.status = 'CLAIMED'
 RETURNING o.id, o.generation, o.claimed_by;
 
+-- name: parked_heads
+-- The safety net under key parking (migration 0010): put back every parked row that is
+-- its key's head (no earlier row holds the key), which the unpark trigger should already
+-- have done. Parked rows sit at available_at 'infinity' in outbox_due_idx: one range probe
+-- per generation, one key probe per parked row. Returns (id, generation) of the rows.
+UPDATE core.outbox AS o
+SET available_at = o.created_at, updated_at = now()
+FROM core.deployments AS d
+WHERE o.generation = d.generation AND o.status = 'PENDING' AND o.deleted_at IS NULL
+  AND o.available_at = 'infinity' AND o.key IS NOT NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM core.outbox AS p
+      WHERE p.key = o.key AND p.id < o.id AND p.deleted_at IS NULL
+        AND (p.status IN ('PENDING', 'CLAIMED') OR (p.status = 'DEAD' AND p.skipped_at IS NULL)))
+RETURNING o.id, o.generation;
+
 -- name: newest_live_generation
 -- The newest generation with a live worker (a beat within $1 s), or NULL.
 SELECT max(generation) FROM core.workers
