@@ -83,12 +83,15 @@ async def test_a_blocked_keys_backlog_is_read_by_one_claim_and_by_no_later_one(
         "SELECT core.publish('order.event', '{}', generation => $1, key => 'hot')"
         " FROM generate_series(1, 2000)", gen)
     free = [await _pub(store, gen, None, n) for n in range(5)]
-    # The first claim steps over the 2,000 waiting rows once, parking them.
+    parked = "SELECT count(*) FROM core.outbox WHERE key = 'hot' AND available_at = 'infinity'"
+    # The claims that step over the 2,000 waiting rows park them, 500 at most per claim.
     assert set(await _claim(store, gen)) == set(free)
-    waiting = await store.fetchval(
-        "SELECT count(*) FROM core.outbox WHERE key = 'hot' AND id > $1"
-        " AND available_at = 'infinity'", head)
-    assert waiting == 2000
+    assert await store.fetchval(parked) == 500
+    for claims in (2, 3, 4):
+        assert await _claim(store, gen) == {}
+        assert await store.fetchval(parked) == 500 * claims
+    assert await store.fetchval(
+        "SELECT count(*) FROM core.outbox WHERE id = $1 AND available_at <> 'infinity'", head) == 1
     await store.execute("UPDATE core.outbox SET status = 'DONE', claim_token = NULL,"
                         " claim_expires_at = NULL WHERE key IS NULL")
     more = {await _pub(store, gen, None, n) for n in range(3)}
