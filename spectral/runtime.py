@@ -409,6 +409,11 @@ async def serve(
                 )
             code = await supervise(app, settings, store, state, signals, workers=workers,
                                    server=server)
+    # Leaving the receiver restored the default actions. The drain is over and every
+    # outcome is written, so a signal between here and the exit changes nothing: ignore
+    # it rather than let it kill the process with a misleading status.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     watchdog.finish()
     log.info("exiting", extra={"exit_code": code})
     return code

@@ -8,10 +8,12 @@ CLAIMED, attempts charged) and puts the workers' output in its failure messages.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -393,6 +395,48 @@ def test_a_second_signal_during_long_turns_exits_130(db_url: str, spawn: Spawn) 
     assert {(r["status"], r["attempts"]) for r in left} == {("PENDING", 0)}, f"{left}\n{tail(worker)}"
     assert worker_states(db_url) == {wid: "exited"}
     print(f"\n[figures] SIGTERM then SIGINT with 5 turns in flight: exit 130 after {elapsed:.2f}s")
+
+
+#: ``spectral worker`` through the CLI's own entry point, then, once it has returned (the
+#: drain over, the process not yet gone), a SIGTERM to itself: the window in which the
+#: default action used to kill the process with status -15.
+LATE_SIGNAL = """
+import os, signal, sys, time
+from spectral.cli import main
+code = main(["worker", sys.argv[1]])
+print("drained with", code, flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+print("alive after a late SIGTERM", flush=True)
+sys.exit(code)
+"""
+
+
+def test_a_signal_after_the_drain_finished_does_not_change_the_exit_status(db_url: str) -> None:
+    generation = prepare(db_url)
+    env = {**FAST, "SPECTRAL_DATABASE_URL": db_url, "SPECTRAL_GENERATION": str(generation),
+           "SPECTRAL_LOG_LEVEL": "INFO"}
+    proc = Spectral.wrap(subprocess.Popen(
+        [sys.executable, "-c", LATE_SIGNAL, APP], env={**os.environ, **env}, cwd=ROOT,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    ))
+    try:
+        proc.wait_for("spectral ready")
+        ids = publish(db_url, generation, 3)
+        wait_until(lambda: _done(db_url, ids), 10, "3 events DONE", proc)
+        proc.signal(signal.SIGTERM)
+        code = wait_exit(proc, 20)
+    finally:
+        dispose(proc)
+    assert "drained with 0" in proc.output, tail(proc)
+    assert "alive after a late SIGTERM" in proc.output, tail(proc)
+    assert code == 0, tail(proc)
+
+
+def _done(url: str, ids: list[int]) -> bool:
+    found = rows(url, "SELECT count(*) AS n FROM core.outbox WHERE id = ANY($1::bigint[])"
+                      " AND status = 'DONE'", ids)
+    return int(found[0]["n"]) == len(ids)
 
 
 @pytest.fixture
