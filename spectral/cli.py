@@ -24,7 +24,7 @@ from ._version import __version__
 from .app import App
 from .config import Settings
 from .db import Store, embedded, migrate, open_database, redact, resolve_url
-from .db.rows import NewDeployment, ReconcilePass
+from .db.rows import NewDeployment, PrunePass, ReconcilePass
 from .db.urls import password_of
 from .errors import (
     AppLoadError,
@@ -156,8 +156,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser(
         "prune", parents=[_settings_parser("prune")],
-        help="run one prune pass now (retention by SPECTRAL_RETAIN_*), or say what it would delete",
+        help="run one prune pass now (retention by SPECTRAL_RETAIN_*), say what it would "
+             "delete, or set the pruner's live kill switch",
     )
+    prune.add_argument("switch", nargs="?", choices=("on", "off", "default", "status"),
+                       help="on/off: enable or disable passes on every worker, live; default: "
+                            "back to SPECTRAL_PRUNE_ENABLED; status: the override and the last "
+                            "pass (without it: run one pass now)")
     prune.add_argument("--dry-run", action="store_true", help="count only; delete nothing")
     prune.add_argument("--json", action="store_true", help="print a JSON object")
 
@@ -431,6 +436,10 @@ def cmd_prune(args: argparse.Namespace, settings: Settings, url: str) -> int:
     from .state import RuntimeState
 
     configured = prune_settings(settings)
+    if args.switch is not None:
+        if args.dry_run or args.json:
+            raise ConfigurationError(f"spectral prune {args.switch} takes no --dry-run or --json")
+        return _prune_switch(args.switch, settings, url)
 
     async def main() -> dict[str, Any] | None:
         async with open_database(url, pool_size=1) as store:
@@ -464,6 +473,18 @@ def cmd_prune(args: argparse.Namespace, settings: Settings, url: str) -> int:
     took = result.pop("duration_seconds")
     _say(render.pruned(result, errors, took))
     return 1 if errors else 0
+
+
+def _prune_switch(action: str, settings: Settings, url: str) -> int:
+    async def main() -> tuple[bool | None, PrunePass | None]:
+        async with _open(url, settings) as store:
+            if action != "status":
+                await store.set_prune_enabled({"on": True, "off": False, "default": None}[action])
+            return await store.prune_enabled_override(), await store.last_prune_pass()
+
+    override, last = trio.run(main)
+    _say(render.prune_status(override, last))
+    return 0
 
 
 def cmd_rollout(args: argparse.Namespace, settings: Settings, url: str) -> int:

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from .db.rows import ReconcilePass
+from .db.rows import PrunePass, ReconcilePass
 
 
 class _Verdict(Protocol):
@@ -139,6 +139,17 @@ def deploy_history(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"{finished:%Y-%m-%d %H:%M:%S}  {counted:<7} "
             f"{r['deployed_by'] or '-':<10} {r['reference'] or '-'}"
             + (f"  override: {r['override_reason']}" if r["override_reason"] else ""))
+    return lines
+
+
+def prune_status(override: bool | None, last: PrunePass | None) -> list[str]:
+    """`spectral prune on|off|default|status`: the live override and the last pass."""
+    state = "not set (SPECTRAL_PRUNE_ENABLED decides)" if override is None else (
+        "on" if override else "off")
+    lines = [f"pruner override: {state}"]
+    if last is not None:
+        lines.append(f"last pass: {last['started_at']:%Y-%m-%d %H:%M:%S} by {last['worker_id']}, "
+                     f"pruned {json.dumps(last['pruned'])}, {len(last['errors'])} errors")
     return lines
 
 

@@ -271,11 +271,11 @@ async def run_workers(
         else:
             log.warning("SPECTRAL_REAPER_ENABLED=false: lapsed claims are not reaped here")
         await background.start(Reconciler(store, state, app, reconcile_settings(settings)).run)
-        pruner = Pruner(store, state, prune_settings(settings))
-        if settings.prune_enabled:
-            await background.start(pruner.run)
-        else:
-            log.warning("SPECTRAL_PRUNE_ENABLED=false: finished rows are not pruned here")
+        # Started either way: 'spectral prune on|off' overrides SPECTRAL_PRUNE_ENABLED live.
+        await background.start(Pruner(store, state, prune_settings(settings)).run)
+        if not settings.prune_enabled:
+            log.warning("SPECTRAL_PRUNE_ENABLED=false: finished rows are not pruned here "
+                        "unless 'spectral prune on' overrides it")
         for spec in app.actors:
             await background.start(
                 ActorSupervisor(spec, store, state,

@@ -38,6 +38,7 @@ COUNTED = ("done", "dead", "ledger", "lost_workers", "workers", "reconcile_passe
 
 
 class PrunerStore(Protocol):
+    async def prune_enabled_override(self) -> bool | None: ...
     async def begin_prune_pass(self, worker_id: str, min_gap: float, lease: float) -> int | None: ...
     async def finish_prune_pass(
         self, pass_id: int, pruned: dict[str, int], errors: list[str]
@@ -50,7 +51,7 @@ class PrunerStore(Protocol):
 class PruneSettings:
     """The pruner's settings (see spectral.config for the variables)."""
 
-    enabled: bool = True  # SPECTRAL_PRUNE_ENABLED, the kill switch
+    enabled: bool = True  # SPECTRAL_PRUNE_ENABLED; 'spectral prune on|off' overrides it
     interval: float = 60.0  # seconds between passes, across all workers
     batch: int = 1000  # rows per DELETE statement
     pause: float = 0.05  # seconds between two batches of a pass
@@ -92,12 +93,22 @@ class Pruner:
         self.failures = 0
         self.pruned_total: dict[str, int] = dict.fromkeys(COUNTED, 0)
         self.last: PruneReport | None = None
+        self._enabled = settings.enabled
         self._publish()
+
+    async def enabled(self) -> bool:
+        """The live kill switch: the database override if set, else the process setting."""
+        try:
+            override = await self._store.prune_enabled_override()
+        except DatabaseError:
+            override = None
+        self._enabled = self._settings.enabled if override is None else override
+        return self._enabled
 
     def _publish(self) -> None:
         s = self._settings
         self._state.prune = {
-            "enabled": s.enabled, "interval": s.interval, "batch": s.batch,
+            "enabled": self._enabled, "interval": s.interval, "batch": s.batch,
             "retain_done": s.retain_done, "retain_dead": s.retain_dead,
             "retain_workers": s.retain_workers, "retain_records": s.retain_records,
             "lost_after": s.lost_after,
@@ -169,7 +180,7 @@ class Pruner:
             await trio.sleep(s.pause)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
-        """Prune every interval.
+        """Prune every interval while enabled (the live switch is read before each pass).
 
         Cancellation: a pass in flight is abandoned between two statements (each batch is
         its own transaction); its record stays unfinished and blocks other passes only
@@ -180,7 +191,10 @@ class Pruner:
         task_status.started()
         while True:
             try:
-                await self.run_once()
+                if await self.enabled():
+                    await self.run_once()
+                else:
+                    self._publish()
             except DatabaseError as exc:
                 self.failures += 1
                 self._publish()

@@ -334,6 +334,13 @@ class Store:
     ) -> None:
         await self.execute(PRUNE.finish_pass, pass_id, json.dumps(pruned), json.dumps(errors))
 
+    async def prune_enabled_override(self) -> bool | None:
+        value = await self.fetchval(PRUNE.enabled_override)
+        return None if value is None else value == "true"
+
+    async def set_prune_enabled(self, enabled: bool | None) -> None:
+        await self.execute(PRUNE.set_enabled, None if enabled is None else str(enabled).lower())
+
     async def last_prune_pass(self) -> PrunePass | None:
         rows = await self.fetch(PRUNE.last_pass)
         return _pass_row(rows[0] if rows else None, "pruned")  # type: ignore[return-value]

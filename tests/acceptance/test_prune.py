@@ -119,3 +119,23 @@ def test_a_bad_retention_is_a_one_line_error(db_url: str, tmp_path: Path) -> Non
                  env={"SPECTRAL_RETAIN_DONE": "a day"})
     assert result.code == 2
     assert result.err == ["spectral: error: SPECTRAL_RETAIN_DONE: is not a number (got 'a day')"]
+
+
+def test_the_live_switch_is_set_cleared_and_shown(db_url: str, tmp_path: Path) -> None:
+    off = run("prune", "off", "--database-url", db_url, cwd=tmp_path)
+    assert off.code == 0, off
+    assert off.out[0] == "pruner override: off"
+    assert _override(db_url) == ["false"]
+    status = run("prune", "status", "--database-url", db_url, cwd=tmp_path)
+    assert status.code == 0 and status.out[0] == "pruner override: off", status
+    back = run("prune", "default", "--database-url", db_url, cwd=tmp_path)
+    assert back.out[0] == "pruner override: not set (SPECTRAL_PRUNE_ENABLED decides)", back
+    assert _override(db_url) == []
+    both = run("prune", "off", "--dry-run", "--database-url", db_url, cwd=tmp_path)
+    assert both.code == 2, both
+    assert both.err == ["spectral: error: spectral prune off takes no --dry-run or --json"], both
+    assert _override(db_url) == []
+
+
+def _override(url: str) -> list[str]:
+    return [r["value"] for r in query(url, "SELECT value FROM core.settings WHERE key = 'prune_enabled'")]

@@ -263,3 +263,38 @@ async def test_the_runtime_prunes_by_default_and_not_with_the_kill_switch(store:
         await wait_until(counted)
     assert await _left(store, kept) == (0, 0)
     assert state.prune is not None and state.prune["pruned_total"]["done"] == 10
+
+
+async def test_the_live_switch_off_stops_passes_and_on_resumes_them_without_a_restart(
+    store: Store,
+) -> None:
+    gen = await _generation(store)
+    kept = await _rows(store, gen, 10, "DONE", age=2 * HOUR)
+    pruner = Pruner(store, RuntimeState("p", gen), dataclasses.replace(QUICK, interval=0.2))
+    await store.set_prune_enabled(False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pruner.run)
+        await trio.sleep(1.0)
+        assert pruner.passes == 0
+        assert await store.fetchval("SELECT count(*) FROM core.prune_passes") == 0
+        assert await _left(store, kept) == (10, 20)
+        assert pruner._state.prune is not None and pruner._state.prune["enabled"] is False
+        await store.set_prune_enabled(True)
+        await wait_until(lambda: _all_gone(store, kept))
+        nursery.cancel_scope.cancel()
+    assert pruner.passes >= 1
+    assert pruner._state.prune is not None and pruner._state.prune["enabled"] is True
+
+
+async def test_the_live_switch_on_overrides_a_process_that_starts_with_pruning_off(
+    store: Store,
+) -> None:
+    app = spectral.App(service="t")
+    gen = await _generation(store)
+    kept = await _rows(store, gen, 10, "DONE", age=2 * HOUR)
+    off = FAST.with_changes(prune_enabled=False, prune_interval=0.2, retain_done=HOUR)
+    await store.set_prune_enabled(True)
+    async with running(app, store, gen, off):
+        await wait_until(lambda: _all_gone(store, kept))
+    await store.set_prune_enabled(None)
+    assert await store.prune_enabled_override() is None

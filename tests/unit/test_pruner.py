@@ -24,6 +24,9 @@ class PruneFake:
         self.finished: list[dict[str, int]] = []
         self.busy = False  # a pass runs elsewhere
 
+    async def prune_enabled_override(self) -> bool | None:
+        return None  # no live override: the process setting decides
+
     async def begin_prune_pass(self, worker_id: str, min_gap: float, lease: float) -> int | None:
         self.calls.append((trio.current_time(), "begin"))
         if "begin" in self.failing:
