@@ -24,6 +24,9 @@ from ._queries import DEPLOYMENTS, OBSERVE, OUTBOX, PRUNE, PUBLISH, RECONCILE, W
 
 Record = Any  # asyncpg.Record; the trio side copies what it needs into its own types
 
+#: Seconds a cleanup (commit, rollback, release, close) may take before it is abandoned.
+CLEANUP_TIMEOUT = 5.0
+
 #: Server-side bounds for every pooled session: a stuck statement or an abandoned
 #: transaction cannot hold locks forever.
 SESSION_SETTINGS = {
@@ -282,33 +285,50 @@ async def turn_query(conn: asyncpg.Connection, mode: QueryMode, sql: str, args: 
     return await _run(conn, mode, sql, args)
 
 
+# The cleanups below bound their own time, here on the asyncio side, and are called from
+# trio shielded and without a deadline: a trio deadline would cancel the asyncio task, and
+# a task cancelled before its first step never runs at all, which would leave the
+# transaction open (its row locks held until the server's idle timeout) and the
+# connection out of the pool for good.
+
 @translated
-async def turn_commit(pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any) -> None:
+async def turn_commit(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any, seconds: float = CLEANUP_TIMEOUT,
+) -> None:
+    """Commit within ``seconds`` and return the connection; on any failure (running out
+    of time raises TimeoutError) the transaction is abandoned and the error raised."""
     try:
-        await tr.commit()
+        async with asyncio.timeout(seconds):
+            await tr.commit()
     except BaseException:
-        await _abandon(pool, conn, tr)
+        await _abandon(pool, conn, tr, seconds)
         raise
-    await pool.release(conn)
+    await pool.release(conn, timeout=seconds)
 
 
-async def turn_rollback(pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any) -> None:
-    await _abandon(pool, conn, tr)
+async def turn_rollback(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any, seconds: float = CLEANUP_TIMEOUT,
+) -> None:
+    await _abandon(pool, conn, tr, seconds)
 
 
-async def _abandon(pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any) -> None:
-    """Roll back and return the connection; a broken connection is discarded instead.
+async def _abandon(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, tr: Any, seconds: float = CLEANUP_TIMEOUT,
+) -> None:
+    """Roll back and return the connection, each within ``seconds``; a broken or slow
+    connection is discarded instead.
 
     It never raises: the turn's outcome is already decided, and a rollback that fails
     leaves the server to abort the transaction when the connection goes.
     """
     try:
         if not conn.is_closed() and conn.is_in_transaction():
-            await tr.rollback()
+            async with asyncio.timeout(seconds):
+                await tr.rollback()
     except BaseException:
-        conn.terminate()  # broken mid-rollback: the server aborts the transaction
+        conn.terminate()  # broken or slow mid-rollback: the server aborts the transaction
     try:
-        await pool.release(conn)
+        await pool.release(conn, timeout=seconds)
     except BaseException:
         # The pool has taken the connection back already (it discards a broken one
         # itself); terminating it now would only raise "released back to the pool".

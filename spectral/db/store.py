@@ -48,8 +48,7 @@ T = TypeVar("T")
 #: DEAD rows counted exactly by the queue views; beyond, the count says "at least".
 DEAD_COUNT_CAP = 10_000
 
-#: Seconds a shielded cleanup (rollback, release, close) may take before it is abandoned.
-CLEANUP_TIMEOUT = 5.0
+CLEANUP_TIMEOUT = _aio.CLEANUP_TIMEOUT
 
 
 async def hop(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -716,9 +715,9 @@ class TurnTx:
         if self._conn is None or self._closed:
             return
         self._closed = True
+        # Shielded with no trio deadline: the commit bounds its own time (see _aio).
         with trio.CancelScope(shield=True):
-            with trio.fail_after(CLEANUP_TIMEOUT * 2):
-                await hop(_aio.turn_commit, self._pool, self._conn, self._tr)
+            await hop(_aio.turn_commit, self._pool, self._conn, self._tr, CLEANUP_TIMEOUT * 2)
 
     async def rollback(self) -> None:
         """Roll back and return the connection (shielded, bounded); idempotent."""
@@ -726,5 +725,6 @@ class TurnTx:
             self._closed = True
             return
         self._closed = True
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
-            await hop(_aio.turn_rollback, self._pool, self._conn, self._tr)
+        # Shielded with no trio deadline: the rollback bounds its own time (see _aio).
+        with trio.CancelScope(shield=True):
+            await hop(_aio.turn_rollback, self._pool, self._conn, self._tr, CLEANUP_TIMEOUT)
