@@ -90,9 +90,12 @@ def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | 
     return inner
 
 
-@dataclass(frozen=True)
-class ClaimedRow:
-    """A row this worker claimed; ``token`` fences every later change to it."""
+class ClaimedRow(NamedTuple):
+    """A row this worker claimed; ``token`` fences every later change to it.
+
+    A named tuple, not a frozen dataclass: one is built per claimed row, and a tuple is
+    built several times faster.
+    """
 
     id: int
     topic: str
@@ -252,13 +255,12 @@ class Store:
         self, generation: int, limit: int, worker_id: str, ttl: float
     ) -> list[ClaimedRow]:
         records = await hop(_aio.claim, self._pool, generation, limit, worker_id, ttl)
+        loads = json.loads
         return [
-            ClaimedRow(
-                id=r["id"], topic=r["topic"], payload=json.loads(r["payload"]),
-                generation=r["generation"], attempts=r["attempts"],
-                created_at=r["created_at"], token=r["claim_token"],
-                wait_seconds=r["wait_seconds"], handled=frozenset(r["handled"]),
-                key=r["key"], traceparent=r["traceparent"], created_epoch=r["created_epoch"],
+            ClaimedRow(  # positional, in the field order: the cheapest way to build one
+                r["id"], r["topic"], loads(r["payload"]), r["generation"], r["attempts"],
+                r["created_at"], r["claim_token"], r["wait_seconds"], frozenset(r["handled"]),
+                r["key"], r["traceparent"], r["created_epoch"],
             )
             for r in records
         ]
