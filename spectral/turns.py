@@ -50,6 +50,8 @@ class RetryPolicy:
         return backoff_delay(attempt, self.base, self.cap, rng)
 
     def limit(self, handlers: list[HandlerSpec]) -> int:
+        if len(handlers) == 1:  # the common case, once per turn
+            return handlers[0].max_attempts or self.max_attempts
         return min((h.max_attempts or self.max_attempts) for h in handlers)
 
 
@@ -94,15 +96,21 @@ class Outcome:
             batch.release.append(Release(r.id, r.token, self.charge, self.error))
 
 
-@dataclass
 class TurnProgress:
     """What a running turn has done so far; the claimer keeps it to settle a turn that
-    was cut off (its successful handlers' ledger rows, its failures)."""
+    was cut off (its successful handlers' ledger rows, its failures).
 
-    ledger: list[Handled] = field(default_factory=list)
-    failures: list[tuple[HandlerSpec | None, str]] = field(default_factory=list)  # None: Spectral's own
-    pending: list[HandlerSpec] = field(default_factory=list)  # the handlers this turn runs
-    succeeded: set[str] = field(default_factory=set)  # names of those that succeeded
+    A plain class with slots: one is built per turn (a dataclass's default factories
+    cost more).
+    """
+
+    __slots__ = ("failures", "ledger", "pending", "succeeded")
+
+    def __init__(self) -> None:
+        self.ledger: list[Handled] = []
+        self.failures: list[tuple[HandlerSpec | None, str]] = []  # None: Spectral's own
+        self.pending: list[HandlerSpec] = []  # the handlers this turn runs
+        self.succeeded: set[str] = set()  # names of those that succeeded
 
 
 class _Result(enum.Enum):

@@ -34,6 +34,8 @@ log = logging.getLogger("spectral.claimer")
 FLUSH_TIMEOUT = 4.0
 #: Seconds the last acknowledgements may take while draining (below WATCHDOG_GRACE, 5 s).
 SETTLE_AT_DRAIN_TIMEOUT = 4.0
+#: The most outcomes one write of the settler takes, in claim batches.
+SETTLE_BATCHES = 5
 #: Longest pause between two checks of the worker's lease, in seconds.
 FENCE_CHECK_INTERVAL = 1.0
 
@@ -109,6 +111,7 @@ class Claimer:
         self._handler_max = turns.handler_max
         self._bound_idle = False  # the HANDLER_MAX watchdog waits for a turn to start
         self._turn_started = trio.Event()
+        self._short = False  # the last claim found fewer due rows than it asked for
 
     @property
     def running(self) -> int:
@@ -116,7 +119,11 @@ class Claimer:
         return self._claimed
 
     def _free(self) -> int:
-        return self._concurrency - self._claimed - self._unsettled
+        # Turns in flight stay within the concurrency; finished turns waiting for the
+        # settler within what one write takes. Claiming goes on while they wait, so a
+        # slow acknowledgement makes the next write larger instead of stalling claims.
+        return min(self._concurrency - self._claimed,
+                   self._batch_size * SETTLE_BATCHES - self._unsettled)
 
     async def run_once(self) -> int:
         """Claim one batch for the free slots and start its turns; returns rows claimed."""
@@ -129,6 +136,7 @@ class Claimer:
             self._state.generation, limit, self._state.worker_id, self._claim_ttl
         )
         self._state.counters.claimed += len(rows)
+        self._short = len(rows) < limit
         if rows:
             self._claimed += len(rows)
             self._queue.extend(rows)
@@ -375,6 +383,11 @@ class Claimer:
                 # Nothing due now: wait for a NOTIFY, the drain or the next poll.
                 self._state.counters.polls += 1
                 await self._state.wait_for_work(self._poll_interval)
+            elif self._short:
+                # It took every due row it could: claiming again at once would find none
+                # (a row published meanwhile has sent its NOTIFY, a key freed by a settle
+                # wakes the claimer too), so wait as when idle, without counting a poll.
+                await self._state.wait_for_work(self._poll_interval)
             else:
                 await trio.lowlevel.checkpoint()
 
@@ -416,7 +429,7 @@ class Claimer:
                 return
             batch = Settlement()
             outcomes = [first]
-            while len(outcomes) < self._batch_size * 5:
+            while len(outcomes) < self._batch_size * SETTLE_BATCHES:
                 try:
                     outcomes.append(self._receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):

@@ -7,7 +7,7 @@ import logging
 import pytest
 import trio
 
-from spectral.actors.claimer import Claimer
+from spectral.actors.claimer import SETTLE_BATCHES, Claimer
 from spectral.app import App
 from spectral.db import Settled, Settlement
 from spectral.errors import DatabaseError, DatabaseUnavailableError, ReconnectBudgetExhaustedError
@@ -518,3 +518,40 @@ async def test_the_next_claim_overlaps_the_write_of_the_previous_outcomes(
     assert claims[2] - claims[0] < 1.5
     # Bounded all the same: never more than one batch written while the next one runs.
     assert max(limits(store)) == 4
+
+
+async def test_a_slow_acknowledgement_makes_writes_larger_but_never_beyond_one_writes_cap(
+    autojump_clock: object,
+) -> None:
+    store, state, app = SlowSettleStore(), make_state(), App()
+    Load(app, seconds=0)
+    ids = add(store, 200)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(build(store, state, app, concurrency=4, batch_size=4, poll=100).run)
+        await wait_until(lambda: all_done(store, ids))
+        nursery.cancel_scope.cancel()
+    written = [len(s) for s in store.settlements]
+    assert sum(written) == 200
+    # Claiming went on during each one-second write, so the next write took more than
+    # the four turns that fit at once; but no write takes more than five batches.
+    assert max(written) == 4 * SETTLE_BATCHES
+    assert trio.current_time() < 200 / 4  # far fewer than one write per four rows
+
+
+async def test_a_claim_that_finds_fewer_rows_than_it_asks_for_is_not_repeated_at_once(
+    autojump_clock: object,
+) -> None:
+    store, state, app = FakeStore(), make_state(), App()
+    load = Load(app, seconds=0)
+    ids = add(store, 3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(build(store, state, app, concurrency=10, batch_size=10, poll=100).run)
+        await wait_until(lambda: all_done(store, ids))
+        await trio.sleep(50)
+        assert store.times("claim") == [0]  # all three due rows, then nothing to ask for
+        later = store.add(FAST)
+        state.wake()  # its NOTIFY
+        await wait_until(lambda: later in load.done)
+        assert store.times("claim") == pytest.approx([0, 50], abs=0.1)
+        nursery.cancel_scope.cancel()
+    assert state.counters.polls == 0
