@@ -94,10 +94,10 @@ class Claimer:
         self._send, self._receive = trio.open_memory_channel[Outcome](math.inf)
         self._turn_nursery: trio.Nursery | None = None
         # Outcomes sent to the settler that it has not taken into a write yet: their rows
-        # are still CLAIMED. They count against the concurrency so claimed-but-unacknowledged
-        # rows stay bounded when the database acknowledges slower than handlers finish. The
-        # batch being written does not: the next claim overlaps its write (at most one
-        # write runs at a time, so claimed rows stay below twice the concurrency).
+        # are still CLAIMED. Claiming stops while they reach one write's worth (see _free),
+        # so claimed-but-unacknowledged rows stay bounded when the database acknowledges
+        # slower than handlers finish: the turns in flight, one write waiting, one being
+        # written (the batch being written no longer counts: the next claim overlaps it).
         self._unsettled = 0
         self._capacity = trio.Event()
         self._fence_after = fence_after
