@@ -57,6 +57,8 @@ BIN = Path(sys.executable).parent
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 #: The peer every ratio is taken against.
 BASELINE = "pgqueuer-defaults"
+#: The peer's best configuration: the second ratio column.
+BEST_PEER = "pgqueuer-tuned"
 #: Seconds between polls of the remaining-jobs count while a worker drains.
 POLL = 0.05
 #: A database timestamp may lead the poll that saw the queue empty by at most this.
@@ -160,6 +162,39 @@ class Worker:
         return self.proc.returncode
 
 
+class Workers:
+    """Several worker processes of one system draining one database, seen as one: ready
+    when the first is (the drain clock starts then), alive while all are, CPU summed,
+    peak RSS the largest of them."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = workers
+        self.spawned_at = min(w.spawned_at for w in workers)
+
+    async def wait_ready(self, within: float = 60.0) -> float:
+        return min([await w.wait_ready(within) for w in self.workers])
+
+    def alive(self) -> bool:
+        return all(w.alive() for w in self.workers)
+
+    def tail(self) -> str:
+        return "\n    ".join(w.tail() for w in self.workers)
+
+    def sample_rss(self) -> int:
+        return max(w.sample_rss() for w in self.workers)
+
+    def cpu_seconds(self) -> float:
+        return sum(w.cpu_seconds() for w in self.workers)
+
+    @property
+    def peak_rss_mib(self) -> float:
+        return max(w.peak_rss_mib for w in self.workers)
+
+    async def stop(self) -> None:
+        for w in self.workers:
+            await w.stop()
+
+
 def worker_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SPECTRAL_", "PGQUEUER_", "PROCRASTINATE_", "BENCH_"))
@@ -225,6 +260,7 @@ class System:
     settings: dict[str, int] = field(default_factory=dict)  # concurrency, batch_size
     max_jobs: int | None = None  # a slow system drains fewer jobs (its rate does not depend on it)
     tree: Path | None = None  # Spectral only: run this source tree instead of the installed one
+    processes: int = 1  # worker processes draining the same database
 
     def jobs(self, args: argparse.Namespace) -> int:
         return min(args.jobs, self.max_jobs) if self.max_jobs else args.jobs
@@ -232,6 +268,8 @@ class System:
     def describe(self, args: argparse.Namespace) -> str:
         names = {"concurrency": "C", "batch_size": "batch"}
         shown = " ".join(f"{names[k]}={v}" for k, v in self.settings.items()) or "defaults"
+        if self.processes > 1:
+            shown += f", {self.processes} procs"
         if self.jobs(args) != args.jobs:
             shown += f", {self.jobs(args)} jobs"
         return shown
@@ -406,6 +444,7 @@ def systems(args: argparse.Namespace) -> list[System]:
         System("spectral-defaults", "spectral (defaults)", "spectral"),
         System("spectral-tuned", "spectral (tuned)", "spectral",
                {"concurrency": args.tuned_concurrency, "batch_size": args.tuned_batch}),
+        System("spectral-2procs", "spectral (2 workers)", "spectral", processes=2),
         *candidate,
         System("pgqueuer-defaults", "pgqueuer (defaults)", "pgqueuer"),
         System("pgqueuer-tuned", "pgqueuer (tuned)", "pgqueuer", {"batch_size": 100}),
@@ -429,7 +468,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-async def wait_drained(conn: asyncpg.Connection, sql: str, worker: Worker, limit: float) -> float:
+async def wait_drained(conn: asyncpg.Connection, sql: str, worker: Workers, limit: float) -> float:
     """Poll ``sql`` (a count of unfinished jobs) every POLL seconds; the time it read 0."""
     deadline = time.monotonic() + limit
     while True:
@@ -501,10 +540,11 @@ async def measure(system: System, args: argparse.Namespace, run: int, offset_ok:
                     probes = Path(tmp) / "starts"
                     probes.touch()
                     argv, env = driver.command(system, url, ctx)
-                    worker = await Worker.start(
-                        argv, worker_env(BENCH_LATENCY_FILE=str(probes), **env), driver.ready_marker,
-                        cwd=system.tree or REPO,
-                    )
+                    worker = Workers([
+                        await Worker.start(argv, worker_env(BENCH_LATENCY_FILE=str(probes), **env),
+                                           driver.ready_marker, cwd=system.tree or REPO)
+                        for _ in range(system.processes)
+                    ])
                     try:
                         return await _measure_worker(worker, conn, driver, producer, probes, args,
                                                      system.jobs(args), offset_ok)
@@ -514,7 +554,7 @@ async def measure(system: System, args: argparse.Namespace, run: int, offset_ok:
             await conn.close()
 
 
-async def _measure_worker(worker: Worker, conn: asyncpg.Connection, driver: Driver,
+async def _measure_worker(worker: Workers, conn: asyncpg.Connection, driver: Driver,
                           producer: Producer, probes: Path, args: argparse.Namespace,
                           jobs: int, offset_ok: bool) -> dict[str, Any]:
     began = await worker.wait_ready()
@@ -648,14 +688,15 @@ def fmt(value: float | None, digits: int = 0) -> str:
 
 def render(report: dict[str, Any]) -> str:
     results = report["systems"]
-    header = (f"{'system':<28} {'settings':<16} {'drain jobs/s':>12} {'vs ' + BASELINE:>21} "
-              f"{'p50 ms':>7} {'p99 ms':>7} {'RSS MiB':>8} {'CPU us/job':>10}")
+    header = (f"{'system':<28} {'settings':<24} {'drain jobs/s':>12} {'vs ' + BASELINE:>21} "
+              f"{'vs ' + BEST_PEER:>18} {'p50 ms':>7} {'p99 ms':>7} {'RSS MiB':>8} {'CPU us/job':>10}")
     lines = [header, "-" * len(header)]
     for key, r in results.items():
         rate = r["drain_jobs_per_s"]
         ratio = f"{r['ratio_vs_baseline']:.2f}x" if r.get("ratio_vs_baseline") else "n/a"
+        best = f"{r['ratio_vs_best_peer']:.2f}x" if r.get("ratio_vs_best_peer") else "n/a"
         lines.append(
-            f"{r['label']:<28} {r['settings']:<16} {fmt(rate):>12} {ratio:>21} "
+            f"{r['label']:<28} {r['settings']:<24} {fmt(rate):>12} {ratio:>21} {best:>18} "
             f"{fmt(r['latency_p50_ms'], 1):>7} {fmt(r['latency_p99_ms'], 1):>7} "
             f"{fmt(r['peak_rss_mib'], 1):>8} {fmt(r['worker_cpu_us_per_job'], 0):>10}"
         )
@@ -677,6 +718,10 @@ def render(report: dict[str, Any]) -> str:
                          + ", ".join(f"{fmt(results[k]['peak_rss_mib'], 1)} MiB after draining "
                                      f"{report['meta']['jobs']} ({results[k]['settings']})"
                                      for k in ("spectral-defaults", "spectral-tuned") if k in results))
+    one, two = (results.get(k, {}).get("drain_jobs_per_s") for k in ("spectral-defaults", "spectral-2procs"))
+    if one and two:
+        lines.append("")
+        lines.append(f"spectral, two worker processes against one (defaults): {two / one:.2f}x")
     meta = report["meta"]
     loads = [r["loadavg_1m"] for v in results.values() for r in v["runs"] if "loadavg_1m" in r]
     if loads and max(loads) > 2 * meta["cpus"]:  # this benchmark alone keeps about 2 busy
@@ -782,10 +827,13 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         "systems": {s.key: summarise(s, args, runs[s.key], errors[s.key]) for s in chosen},
     }
     base = report["systems"].get(BASELINE, {}).get("drain_jobs_per_s")
+    best = report["systems"].get(BEST_PEER, {}).get("drain_jobs_per_s")
     for summary in report["systems"].values():
         rate = summary["drain_jobs_per_s"]
         summary["ratio_vs_baseline"] = round(rate / base, 3) if rate and base else None
+        summary["ratio_vs_best_peer"] = round(rate / best, 3) if rate and best else None
     report["meta"]["baseline"] = BASELINE
+    report["meta"]["best_peer"] = BEST_PEER
 
     if not args.no_sigterm and (not args.systems or any(s.kind == "spectral" for s in chosen)):
         sig_runs: list[dict[str, Any]] = []

@@ -18,13 +18,13 @@ from typing import Protocol
 
 import trio
 
+from . import tracing
 from .app import App, HandlerSpec
 from .db import Ack, ClaimedRow, Fail, Handled, Release, Settlement, TurnTx
 from .errors import AlreadyHandledError
 from .events import Event
 from .rules import backoff_delay
 from .state import InFlight, RuntimeState
-from .tracing import turn_span
 from .tx import Tx
 
 log = logging.getLogger("spectral.turn")
@@ -50,6 +50,8 @@ class RetryPolicy:
         return backoff_delay(attempt, self.base, self.cap, rng)
 
     def limit(self, handlers: list[HandlerSpec]) -> int:
+        if len(handlers) == 1:  # the common case, once per turn
+            return handlers[0].max_attempts or self.max_attempts
         return min((h.max_attempts or self.max_attempts) for h in handlers)
 
 
@@ -77,7 +79,8 @@ class Outcome:
     skip: bool = False  # DEAD with every failed handler's on_dead="skip": the key moves on
 
     def __post_init__(self) -> None:
-        self.kind = OutcomeKind(self.kind)
+        if type(self.kind) is not OutcomeKind:  # a plain string (tests, older callers)
+            self.kind = OutcomeKind(self.kind)
 
     def add_to(self, batch: Settlement) -> None:
         r = self.row
@@ -93,13 +96,21 @@ class Outcome:
             batch.release.append(Release(r.id, r.token, self.charge, self.error))
 
 
-@dataclass
 class TurnProgress:
     """What a running turn has done so far; the claimer keeps it to settle a turn that
-    was cut off (its successful handlers' ledger rows, its failures)."""
+    was cut off (its successful handlers' ledger rows, its failures).
 
-    ledger: list[Handled] = field(default_factory=list)
-    failures: list[tuple[HandlerSpec | None, str]] = field(default_factory=list)  # None: Spectral's own
+    A plain class with slots: one is built per turn (a dataclass's default factories
+    cost more).
+    """
+
+    __slots__ = ("failures", "ledger", "pending", "succeeded")
+
+    def __init__(self) -> None:
+        self.ledger: list[Handled] = []
+        self.failures: list[tuple[HandlerSpec | None, str]] = []  # None: Spectral's own
+        self.pending: list[HandlerSpec] = []  # the handlers this turn runs
+        self.succeeded: set[str] = set()  # names of those that succeeded
 
 
 class _Result(enum.Enum):
@@ -161,13 +172,18 @@ class TurnRunner:
         self._max_payload_bytes = max_payload_bytes
         self._rng = rng or random.Random()
 
+    @property
+    def handler_max(self) -> float:
+        """SPECTRAL_HANDLER_MAX: the longest a turn may run, in seconds."""
+        return self._handler_max
+
     def _log(self, level: int, msg: str, row: ClaimedRow, **extra: object) -> None:
         log.log(level, msg, extra={"worker_id": self._state.worker_id,
                                    "generation": row.generation, "event_id": row.id,
                                    "topic": row.topic, **extra})
 
     async def run(self, row: ClaimedRow, progress: TurnProgress | None = None) -> Outcome:
-        """Run the row's pending handlers and decide its outcome.
+        """Run the row's pending handlers and decide its outcome, within HANDLER_MAX.
 
         Args:
             row: the claimed row.
@@ -176,20 +192,37 @@ class TurnRunner:
 
         Cancellation: a cancellation from outside (the drain deadline, shutdown, or the
         worker's fence) rolls back the open transaction and propagates; the claimer then
-        settles the row with :meth:`interrupted`.
+        settles the row with :meth:`interrupted`. HANDLER_MAX is this turn's own cancel
+        scope: reaching it fails the handlers that had not finished (:meth:`exceeded`).
 
         Error handling: whatever a handler raises, short of cancellation, fails the
         handler (one attempt charged); it never escapes the turn.
         """
-        progress = TurnProgress() if progress is None else progress
+        return await self._run(row, TurnProgress() if progress is None else progress, True)
+
+    async def run_within(self, row: ClaimedRow, progress: TurnProgress) -> Outcome:
+        """:meth:`run` for a caller that bounds the turn at HANDLER_MAX itself.
+
+        The claimer's turn runners run many turns inside one cancel scope and enforce
+        HANDLER_MAX with one watchdog (a cancel scope costs more than a no-op turn).
+
+        Cancellation: every cancellation propagates, after the open transaction was rolled
+        back; the caller settles the row with :meth:`exceeded` when its HANDLER_MAX bound
+        cut the turn, else with :meth:`interrupted`.
+        """
+        return await self._run(row, progress, False)
+
+    async def _run(self, row: ClaimedRow, progress: TurnProgress, bounded: bool) -> Outcome:
         handlers = self._app.handlers_for(row.topic)
         if not handlers:
             reason = f"no handler for topic {row.topic!r} in generation {row.generation}"
             self._log(logging.WARNING, "dead: no handler", row)
             return Outcome(row, OutcomeKind.FAIL, error=reason, dead=True, reason="no handler")
-        pending = [h for h in handlers if h.name not in row.handled]
+        handled = row.handled
+        pending = [h for h in handlers if h.name not in handled] if handled else handlers
         if not pending:
             return Outcome(row, OutcomeKind.ACK)
+        progress.pending = pending
         attempt = row.attempts + 1
         limit = self._policy.limit(pending)
         if attempt > limit:
@@ -199,40 +232,64 @@ class TurnRunner:
             return Outcome(row, OutcomeKind.FAIL,
                            error=f"{reason}; previous runs never acknowledged",
                            dead=True, reason=reason)
-        with turn_span(event_id=row.id, topic=row.topic, key=row.key,
-                       generation=row.generation, attempt=attempt,
-                       traceparent=row.traceparent) as span:
-            outcome = await self._run_pending(row, pending, attempt, progress)
+        if not tracing.available():
+            # No OpenTelemetry: no span, and no context manager to enter per turn.
+            return await self._run_pending(row, pending, attempt, progress, bounded)
+        with tracing.turn_span(event_id=row.id, topic=row.topic, key=row.key,
+                               generation=row.generation, attempt=attempt,
+                               traceparent=row.traceparent) as span:
+            outcome = await self._run_pending(row, pending, attempt, progress, bounded)
             span.outcome("dead" if outcome.dead else outcome.kind.value)
         return outcome
 
     async def _run_pending(
-        self, row: ClaimedRow, pending: list[HandlerSpec], attempt: int, progress: TurnProgress
+        self, row: ClaimedRow, pending: list[HandlerSpec], attempt: int, progress: TurnProgress,
+        bounded: bool,
     ) -> Outcome:
         event = Event(row.id, row.topic, row.payload, row.generation, attempt, row.created_at,
                       row.handled, row.key, row.traceparent)
-        succeeded: set[str] = set()
+        if bounded:
+            with trio.CancelScope(deadline=trio.current_time() + self._handler_max) as turn_scope:
+                lost = await self._run_each(row, pending, event, progress)
+            if turn_scope.cancelled_caught:
+                return self.exceeded(row, progress)
+        else:
+            lost = await self._run_each(row, pending, event, progress)
+        if lost is not None:
+            return lost
+        if not progress.failures:
+            if log.isEnabledFor(logging.DEBUG):
+                self._log(logging.DEBUG, "ack", row)
+            return Outcome(row, OutcomeKind.ACK, ledger=progress.ledger)
+        return self._failed(row, progress.failures, progress.ledger)
+
+    async def _run_each(
+        self, row: ClaimedRow, pending: list[HandlerSpec], event: Event, progress: TurnProgress
+    ) -> Outcome | None:
+        """Run the handlers one after another; a LOST outcome if the claim was lost."""
+        for spec in pending:
+            result, message = await self._run_handler(spec, event, row, progress.ledger)
+            if result is _Result.LOST:
+                self._log(logging.WARNING, "claim lost during the turn; nothing applied",
+                          row, handler=spec.name)
+                return Outcome(row, OutcomeKind.LOST)
+            if result is _Result.OK:
+                progress.succeeded.add(spec.name)
+            else:
+                progress.failures.append((spec, message))
+        return None
+
+    def exceeded(self, row: ClaimedRow, progress: TurnProgress) -> Outcome:
+        """The outcome of a turn cut off at HANDLER_MAX: every handler that had not
+        finished fails (charged), the ones that succeeded keep their ledger rows."""
         failures = progress.failures
-        with trio.CancelScope(deadline=trio.current_time() + self._handler_max) as turn_scope:
-            for spec in pending:
-                result, message = await self._run_handler(spec, event, row, progress.ledger)
-                if result is _Result.LOST:
-                    self._log(logging.WARNING, "claim lost during the turn; nothing applied",
-                              row, handler=spec.name)
-                    return Outcome(row, OutcomeKind.LOST)
-                if result is _Result.OK:
-                    succeeded.add(spec.name)
-                else:
-                    failures.append((spec, message))
-        if turn_scope.cancelled_caught:
-            failed = {f[0].name for f in failures if f[0] is not None}
-            for spec in pending:
-                if spec.name not in succeeded and spec.name not in failed:
-                    failures.append(
-                        (spec, f"{spec.name}: exceeded SPECTRAL_HANDLER_MAX ({self._handler_max:g}s)")
-                    )
+        failed = {f[0].name for f in failures if f[0] is not None}
+        for spec in progress.pending:
+            if spec.name not in progress.succeeded and spec.name not in failed:
+                failures.append(
+                    (spec, f"{spec.name}: exceeded SPECTRAL_HANDLER_MAX ({self._handler_max:g}s)")
+                )
         if not failures:
-            self._log(logging.DEBUG, "ack", row)
             return Outcome(row, OutcomeKind.ACK, ledger=progress.ledger)
         return self._failed(row, failures, progress.ledger)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Protocol
+from collections import deque
+from typing import NoReturn, Protocol
 
 import trio
 import trio.lowlevel
@@ -33,8 +34,22 @@ log = logging.getLogger("spectral.claimer")
 FLUSH_TIMEOUT = 4.0
 #: Seconds the last acknowledgements may take while draining (below WATCHDOG_GRACE, 5 s).
 SETTLE_AT_DRAIN_TIMEOUT = 4.0
+#: The most outcomes one write of the settler takes, in claim batches.
+SETTLE_BATCHES = 5
 #: Longest pause between two checks of the worker's lease, in seconds.
 FENCE_CHECK_INTERVAL = 1.0
+
+
+class _Runner:
+    """What the watchdog and the fence need to see of one turn runner."""
+
+    __slots__ = ("cut", "row", "scope", "started")
+
+    def __init__(self) -> None:
+        self.scope: trio.CancelScope | None = None  # open while it runs rows
+        self.row: ClaimedRow | None = None  # the row whose turn is in flight
+        self.started = 0.0  # trio.current_time() when that turn started
+        self.cut: str | None = None  # "handler_max" or "fence": why its scope was cancelled
 
 
 class ClaimerStore(Protocol):
@@ -72,26 +87,43 @@ class Claimer:
         self._batch_size = batch_size
         self._claim_ttl = claim_ttl
         self._poll_interval = poll_interval
-        self._slots = trio.Semaphore(concurrency)
+        # Claimed rows whose turn has not finished (queued for a runner or running).
+        self._claimed = 0
         self._reconnect_claim = Reconnector("claimer", state, reconnect_budget)
         self._reconnect_settle = Reconnector("settler", state, reconnect_budget)
         self._send, self._receive = trio.open_memory_channel[Outcome](math.inf)
         self._turn_nursery: trio.Nursery | None = None
-        # Outcomes sent to the settler and not yet written: their rows are still CLAIMED.
-        # They count against the concurrency so claimed-but-unacknowledged rows stay
-        # bounded when the database acknowledges slower than handlers finish.
+        # Outcomes sent to the settler that it has not taken into a write yet: their rows
+        # are still CLAIMED. Claiming stops while they reach one write's worth (see _free),
+        # so claimed-but-unacknowledged rows stay bounded when the database acknowledges
+        # slower than handlers finish: the turns in flight, one write waiting, one being
+        # written (the batch being written no longer counts: the next claim overlaps it).
         self._unsettled = 0
         self._capacity = trio.Event()
         self._fence_after = fence_after
         self._fenced = False
-        self._turn_scopes: set[trio.CancelScope] = set()
+        # Claimed rows wait here for a runner; runners wait in the parking lot for rows.
+        self._queue: deque[ClaimedRow] = deque()
+        self._idle = trio.lowlevel.ParkingLot()
+        self._runners: list[_Runner] = []
+        self._called = False  # a runner was woken (or started) and has not taken a row yet
+        self._closing = False  # the drain: runners finish the queue, then return
+        self._handler_max = turns.handler_max
+        self._bound_idle = False  # the HANDLER_MAX watchdog waits for a turn to start
+        self._turn_started = trio.Event()
+        self._short = False  # the last claim found fewer due rows than it asked for
 
     @property
     def running(self) -> int:
-        return self._concurrency - self._slots.value
+        """Claimed rows whose turn has not finished (running, or queued for a runner)."""
+        return self._claimed
 
     def _free(self) -> int:
-        return self._slots.value - self._unsettled
+        # Turns in flight stay within the concurrency; finished turns waiting for the
+        # settler within what one write takes. Claiming goes on while they wait, so a
+        # slow acknowledgement makes the next write larger instead of stalling claims.
+        return min(self._concurrency - self._claimed,
+                   self._batch_size * SETTLE_BATCHES - self._unsettled)
 
     async def run_once(self) -> int:
         """Claim one batch for the free slots and start its turns; returns rows claimed."""
@@ -104,54 +136,140 @@ class Claimer:
             self._state.generation, limit, self._state.worker_id, self._claim_ttl
         )
         self._state.counters.claimed += len(rows)
-        for row in rows:
-            self._slots.acquire_nowait()
-            self._turn_nursery.start_soon(self._turn, row, name=f"turn-{row.id}")
+        self._short = len(rows) < limit
         if rows:
+            self._claimed += len(rows)
+            self._queue.extend(rows)
+            self._call_runner()
             log.debug("claimed %d rows", len(rows),
                       extra={"worker_id": self._state.worker_id, "generation": self._state.generation})
         return len(rows)
 
-    async def _turn(self, row: ClaimedRow) -> None:
-        started = trio.current_time()
+    # --- turn runners ------------------------------------------------------------------
+    #
+    # A trio task and a cancel scope per turn cost more than a no-op turn itself. So the
+    # claimed rows go to a queue served by runner tasks (at most ``concurrency``, started
+    # when first needed), each running rows one after another inside one cancel scope.
+    # A runner that takes a row while more wait calls another runner first: if its turn
+    # blocks (a handler awaiting I/O), that one takes the next row, and so on, so turns
+    # that wait run concurrently as before, while turns that never wait run back to back
+    # in one task. HANDLER_MAX is enforced by one watchdog (_bound_turns) that cancels a
+    # runner's scope when its current turn has run too long; the fence cancels the scopes
+    # of the runners with a turn in flight.
+
+    def _call_runner(self) -> None:
+        """Wake a parked runner, or start one, unless one is already on its way."""
+        if self._called:
+            return
+        if self._idle:
+            self._idle.unpark()
+        elif len(self._runners) < self._concurrency:
+            assert self._turn_nursery is not None
+            runner = _Runner()
+            self._runners.append(runner)
+            self._turn_nursery.start_soon(self._serve, runner, name=f"turn-runner-{len(self._runners)}")
+        else:
+            return  # every runner is busy: the first one to finish its turn takes the next row
+        self._called = True
+
+    async def _serve(self, runner: _Runner) -> None:
+        """One runner: take queued rows and run their turns until the drain ends."""
+        while True:
+            self._called = False
+            if not self._queue:
+                if self._closing:
+                    return
+                await self._idle.park()
+                continue
+            runner.cut = None
+            with trio.CancelScope() as runner.scope:
+                while self._queue and not runner.scope.cancel_called:
+                    row = self._queue.popleft()
+                    if self._queue:
+                        self._call_runner()
+                    if self._fenced:
+                        self._finished()
+                        self._hand_back(self._turns.interrupted(
+                            row, TurnProgress(), "released: the worker lost its heartbeat"))
+                        continue
+                    await self._turn(runner, row)
+            runner.scope = None
+
+    async def _turn(self, runner: _Runner, row: ClaimedRow) -> None:
+        started = runner.started = trio.current_time()
+        runner.row = row
+        if self._bound_idle:
+            self._turn_started.set()
         progress = TurnProgress()
-        scope = trio.CancelScope()
-        self._turn_scopes.add(scope)
-        outcome: Outcome | None = None
         try:
-            with scope:
-                try:
-                    outcome = await self._turns.run(row, progress)
-                except BaseException as exc:
-                    if not is_cancellation(exc):
-                        # A bug in Spectral's turn code: charge the row (it ends DEAD rather
-                        # than crash-looping every worker) and keep serving.
-                        log.exception("turn failed inside Spectral", extra={
-                            "worker_id": self._state.worker_id, "event_id": row.id})
-                        outcome = self._turns.crashed(row, progress, exc)
-                    else:
-                        # Cut off from outside: the drain deadline, shutdown, or the fence.
-                        # Only the fence cancels a turn's own scope; the drain deadline and
-                        # shutdown cancel the nursery around it.
-                        why = ("released: the worker lost its heartbeat" if scope.cancel_called
-                               else "cancelled at the drain deadline")
-                        self._hand_back(self._turns.interrupted(row, progress, why))
-                        raise
-        finally:
-            self._turn_scopes.discard(scope)
-            self._slots.release()
-            self._capacity.set()
-        if outcome is None:
-            return  # fenced: handed back above
+            outcome = await self._turns.run_within(row, progress)
+        except BaseException as exc:
+            if is_cancellation(exc):
+                runner.row = None
+                self._finished()
+                if runner.cut == "handler_max":
+                    self._settle_later(row, self._turns.exceeded(row, progress), started)
+                else:
+                    # Cut off from outside: the fence, the drain deadline or shutdown.
+                    why = ("released: the worker lost its heartbeat" if runner.cut == "fence"
+                           else "cancelled at the drain deadline")
+                    self._hand_back(self._turns.interrupted(row, progress, why))
+                raise
+            # A bug in Spectral's turn code: charge the row (it ends DEAD rather than
+            # crash-looping every worker) and keep serving.
+            log.exception("turn failed inside Spectral", extra={
+                "worker_id": self._state.worker_id, "event_id": row.id})
+            outcome = self._turns.crashed(row, progress, exc)
+        runner.row = None
+        self._finished()
+        self._settle_later(row, outcome, started)
+
+    def _finished(self) -> None:
+        self._claimed -= 1
+        self._capacity.set()
+
+    def _settle_later(self, row: ClaimedRow, outcome: Outcome, started: float) -> None:
+        """Hand a finished turn's outcome to the settler and observe the turn."""
         if outcome.kind is OutcomeKind.LOST:
             self._state.counters.lost_claims += 1
         self._send.send_nowait(outcome)
         self._unsettled += 1
-        if self._state.turn_observer is not None:
+        if self._state.turn_observer is not None or self._state.topic_observer is not None:
             duration = trio.current_time() - started
-            self._state.turn_observer(duration, row.wait_seconds + duration)
-        if self._state.topic_observer is not None:
-            self._state.topic_observer(row.topic, row.wait_seconds + trio.current_time() - started)
+            if self._state.turn_observer is not None:
+                self._state.turn_observer(duration, row.wait_seconds + duration)
+            if self._state.topic_observer is not None:
+                self._state.topic_observer(row.topic, row.wait_seconds + duration)
+
+    def _hand_back_queued(self, why: str) -> None:
+        """Release the claimed rows no runner took (the drain deadline, shutdown)."""
+        while self._queue:
+            row = self._queue.popleft()
+            self._finished()
+            self._hand_back(self._turns.interrupted(row, TurnProgress(), why))
+
+    async def _bound_turns(self) -> NoReturn:
+        """Cancel the turns that run longer than HANDLER_MAX (the runners' watchdog).
+
+        It sleeps until the earliest deadline of the turns in flight; a turn that started
+        later has a later deadline, so no deadline is ever missed. With no turn in flight
+        it waits for one to start.
+        """
+        while True:
+            busy = [r for r in self._runners if r.row is not None]
+            if not busy:
+                self._bound_idle = True
+                await self._turn_started.wait()
+                self._turn_started = trio.Event()
+                self._bound_idle = False
+                continue
+            await trio.sleep_until(min(r.started for r in busy) + self._handler_max)
+            now = trio.current_time()
+            for r in self._runners:
+                if (r.row is not None and r.scope is not None and r.cut is None
+                        and now >= r.started + self._handler_max):
+                    r.cut = "handler_max"
+                    r.scope.cancel()
 
     def _hand_back(self, outcome: Outcome) -> None:
         """Give a cut-off turn's row back through the settler."""
@@ -167,6 +285,10 @@ class Claimer:
         log.warning("turn cut off (%s); row handed back", outcome.error or outcome.kind,
                     extra={"worker_id": self._state.worker_id, "event_id": row.id})
 
+    async def _bound(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._bound_turns()
+
     async def _fence(self, scope: trio.CancelScope) -> None:
         """Stop claiming and cancel the running turns while the lease is too old."""
         with scope:
@@ -181,10 +303,13 @@ class Claimer:
                 if not self._fenced:
                     self._fenced = True
                     log.error("no heartbeat written for %.1fs: fencing this worker (claiming "
-                              "paused, %d turns cancelled)", age, len(self._turn_scopes),
+                              "paused, %d turns cancelled)", age,
+                              sum(r.row is not None for r in self._runners),
                               extra={"worker_id": self._state.worker_id})
-                for scope in list(self._turn_scopes):
-                    scope.cancel()
+                for r in self._runners:
+                    if r.row is not None and r.scope is not None and r.cut is None:
+                        r.cut = "fence"
+                        r.scope.cancel()
             elif self._fenced:
                 self._fenced = False
                 log.info("heartbeat written again: claiming resumes",
@@ -210,14 +335,24 @@ class Claimer:
             fence = trio.CancelScope()
             if self._fence_after != math.inf:
                 outer.start_soon(self._fence, fence)
+            bound = trio.CancelScope()
+            outer.start_soon(self._bound, bound)
             try:
                 async with trio.open_nursery() as turns:
                     self._turn_nursery = turns
                     turns.start_soon(self._drain_deadline, turns.cancel_scope)
                     task_status.started()
-                    await self._claim_loop()
+                    try:
+                        await self._claim_loop()
+                    finally:
+                        # The drain (or a cancellation): the runners finish the queue, then
+                        # return instead of waiting for more rows.
+                        self._closing = True
+                        self._idle.unpark_all()
             finally:
                 fence.cancel()
+                bound.cancel()
+                self._hand_back_queued("cancelled at the drain deadline")
                 self._send.close()
 
     async def _drain_deadline(self, scope: trio.CancelScope) -> None:
@@ -247,6 +382,11 @@ class Claimer:
             if claimed == 0:
                 # Nothing due now: wait for a NOTIFY, the drain or the next poll.
                 self._state.counters.polls += 1
+                await self._state.wait_for_work(self._poll_interval)
+            elif self._short:
+                # It took every due row it could: claiming again at once would find none
+                # (a row published meanwhile has sent its NOTIFY, a key freed by a settle
+                # wakes the claimer too), so wait as when idle, without counting a poll.
                 await self._state.wait_for_work(self._poll_interval)
             else:
                 await trio.lowlevel.checkpoint()
@@ -289,7 +429,7 @@ class Claimer:
                 return
             batch = Settlement()
             outcomes = [first]
-            while len(outcomes) < self._batch_size * 5:
+            while len(outcomes) < self._batch_size * SETTLE_BATCHES:
                 try:
                     outcomes.append(self._receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
@@ -299,11 +439,10 @@ class Claimer:
             await self._settle(batch, outcomes)
 
     async def _settle(self, batch: Settlement, outcomes: list[Outcome]) -> None:
-        try:
-            await self._write(batch, outcomes)
-        finally:
-            self._unsettled -= len(outcomes)
-            self._capacity.set()
+        # Taken into this write: the claimer may claim for these slots while it runs.
+        self._unsettled -= len(outcomes)
+        self._capacity.set()
+        await self._write(batch, outcomes)
 
     async def _write(self, batch: Settlement, outcomes: list[Outcome]) -> None:
         if not len(batch):

@@ -74,9 +74,10 @@ async def open_database(
     """
     async with asyncio_loop():
         pool = await hop(_aio.create_pool, url, 1, pool_size, pooler)
+        store = Store(pool, url, pooler=pooler, listen_url=listen_url, handler_role=handler_role)
         try:
-            yield Store(pool, url, pooler=pooler, listen_url=listen_url,
-                        handler_role=handler_role)
+            yield store
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT + 1):
+                await store.close_sessions(CLEANUP_TIMEOUT / 2)
                 await hop(_aio.close_pool, pool, CLEANUP_TIMEOUT)

@@ -165,21 +165,62 @@ async def execute(pool: asyncpg.Pool, sql: str, args: Sequence[Any]) -> str:
 # --- workers ---------------------------------------------------------------------------
 
 
+class Session:
+    """A connection of its own for one stream of Spectral's statements (the claims, the
+    acknowledgements), opened on first use and reopened after any failure.
+
+    Borrowing a pooled connection costs more CPU than a claim of 50 rows (asyncpg's
+    acquire and release are several asyncio tasks and callbacks, each a round through
+    the bridged loop); these statements run back to back all day, so each stream keeps
+    one connection. Outside the pool, so a small pool cannot be starved by them.
+    """
+
+    def __init__(self, url: str, pooler: str) -> None:
+        self.url = url
+        self.pooler = pooler
+        self.conn: asyncpg.Connection | None = None
+        # One statement at a time (a connection runs one); uncontended in a worker,
+        # where one task claims and one acknowledges.
+        self.lock = asyncio.Lock()
+
+
+async def _session_fetch(session: Session, sql: str, args: Sequence[Any]) -> list[Record]:
+    async with session.lock:
+        conn = session.conn
+        if conn is None or conn.is_closed():
+            conn = session.conn = await asyncpg.connect(
+                session.url, timeout=10, **connect_options(session.pooler, "spectral-claimer"))
+        try:
+            return list(await conn.fetch(sql, *args))
+        except BaseException:
+            # Broken, or left mid-statement by a cancellation: never reuse it.
+            session.conn = None
+            conn.terminate()
+            raise
+
+
+async def close_session(session: Session, seconds: float) -> None:
+    conn, session.conn = session.conn, None
+    if conn is not None:
+        if session.lock.locked():
+            conn.terminate()  # a statement is in flight: do not wait for it
+        else:
+            await close_connection(conn, seconds)
+
+
 @translated
 async def claim(
-    pool: asyncpg.Pool, generation: int, limit: int, worker_id: str, ttl: float
+    session: Session, generation: int, limit: int, worker_id: str, ttl: float
 ) -> list[Record]:
-    with _own_statements():
-        return list(await pool.fetch(OUTBOX.claim, generation, limit, worker_id, ttl))
+    return await _session_fetch(session, OUTBOX.claim, (generation, limit, worker_id, ttl))
 
 
 @translated
-async def settle(pool: asyncpg.Pool, args: Sequence[Any]) -> tuple[set[int], set[int], set[int]]:
+async def settle(session: Session, args: Sequence[Any]) -> tuple[set[int], set[int], set[int]]:
     """Record a batch of turn outcomes in one statement; returns the ids that matched."""
     changed: dict[str, set[int]] = {"a": set(), "f": set(), "r": set()}
-    with _own_statements():
-        for kind, event_id in await pool.fetch(OUTBOX.settle, *args):
-            changed[kind].add(event_id)
+    for kind, event_id in await _session_fetch(session, OUTBOX.settle, args):
+        changed[kind].add(event_id)
     return changed["a"], changed["f"], changed["r"]
 
 

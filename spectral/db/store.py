@@ -89,9 +89,12 @@ def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | 
     return inner
 
 
-@dataclass(frozen=True)
-class ClaimedRow:
-    """A row this worker claimed; ``token`` fences every later change to it."""
+class ClaimedRow(NamedTuple):
+    """A row this worker claimed; ``token`` fences every later change to it.
+
+    A named tuple, not a frozen dataclass: one is built per claimed row, and a tuple is
+    built several times faster.
+    """
 
     id: int
     topic: str
@@ -196,6 +199,11 @@ def _pass_row(row: Any, result: str) -> dict[str, Any] | None:
     return {**dict(row), result: json.loads(row[result]), "errors": json.loads(row["errors"])}
 
 
+async def _close_sessions(sessions: Sequence[_aio.Session], seconds: float) -> None:
+    for session in sessions:
+        await _aio.close_session(session, seconds)
+
+
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> tuple[list[Any], ...]:
     return tuple([row[i] for row in rows] for i in range(width))
 
@@ -214,6 +222,13 @@ class Store:
         # Set in each turn transaction after Spectral's statements ('' leaves it alone).
         idle = _aio.POOLED_IDLE_TIMEOUT if pooler != "none" else ""
         self._turn_local = (idle, handler_role or "") if idle or handler_role else None
+        # Claims and acknowledgements each on a connection of their own (see _aio.Session).
+        self._claims = _aio.Session(url, pooler)
+        self._settles = _aio.Session(url, pooler)
+
+    async def close_sessions(self, seconds: float) -> None:
+        """Close the claim and acknowledgement connections (one hop; never raises)."""
+        await hop(_close_sessions, (self._claims, self._settles), seconds)
 
     @property
     def url(self) -> str:
@@ -250,14 +265,13 @@ class Store:
     async def claim(
         self, generation: int, limit: int, worker_id: str, ttl: float
     ) -> list[ClaimedRow]:
-        records = await hop(_aio.claim, self._pool, generation, limit, worker_id, ttl)
+        records = await hop(_aio.claim, self._claims, generation, limit, worker_id, ttl)
+        loads = json.loads
         return [
-            ClaimedRow(
-                id=r["id"], topic=r["topic"], payload=json.loads(r["payload"]),
-                generation=r["generation"], attempts=r["attempts"],
-                created_at=r["created_at"], token=r["claim_token"],
-                wait_seconds=r["wait_seconds"], handled=frozenset(r["handled"]),
-                key=r["key"], traceparent=r["traceparent"], created_epoch=r["created_epoch"],
+            ClaimedRow(  # positional, in the field order: the cheapest way to build one
+                r["id"], r["topic"], loads(r["payload"]), r["generation"], r["attempts"],
+                r["created_at"], r["claim_token"], r["wait_seconds"], frozenset(r["handled"]),
+                r["key"], r["traceparent"], r["created_epoch"],
             )
             for r in records
         ]
@@ -265,7 +279,7 @@ class Store:
     async def settle(self, batch: Settlement) -> Settled:
         args = (*_columns(batch.ack, 2), *_columns(batch.fail, 6), *_columns(batch.release, 4),
                 *_columns(batch.ledger, 2), [f.skip for f in batch.fail])
-        acked, failed, released = await hop(_aio.settle, self._pool, args)
+        acked, failed, released = await hop(_aio.settle, self._settles, args)
         return Settled(acked, failed, released)
 
     async def reap(self, limit: int) -> list[tuple[int, int, str | None]]:

@@ -7,8 +7,9 @@ import logging
 import pytest
 import trio
 
-from spectral.actors.claimer import Claimer
+from spectral.actors.claimer import SETTLE_BATCHES, Claimer
 from spectral.app import App
+from spectral.db import Settled, Settlement
 from spectral.errors import DatabaseError, DatabaseUnavailableError, ReconnectBudgetExhaustedError
 from spectral.events import Event
 from spectral.state import RuntimeState
@@ -256,7 +257,8 @@ async def test_settle_retries_an_unreachable_database(autojump_clock: object) ->
         await nursery.start(build(store, state, app, poll=100).run)
         await wait_until(lambda: all_done(store, ids))
         nursery.cancel_scope.cancel()
-    assert store.count("settle") == 3
+    # The two refused attempts, then one write per batch (the turns may finish apart).
+    assert store.count("settle") == 2 + len(store.settlements)
     assert state.counters.acked == 2
     assert state.down == set() and state.counters.reconnects == 1
 
@@ -407,3 +409,149 @@ async def test_drain_deadline_releases_a_handler_that_uses_a_nursery(autojump_cl
             state.begin_drain(2.0)
     assert store.status(event_id) == "PENDING", "left CLAIMED until the reaper charges an attempt"
     assert store.transactions[0].rolled_back
+
+
+# --- turn runners, the HANDLER_MAX watchdog, overlapping writes ------------------------
+
+
+async def test_turns_that_never_wait_run_back_to_back_in_one_task(autojump_clock: object) -> None:
+    store, state, app = FakeStore(), make_state(), App()
+    tasks: list[object] = []
+
+    @app.handler(FAST, name="instant")
+    async def instant(event: Event, tx: Tx) -> None:
+        tasks.append(trio.lowlevel.current_task())
+
+    ids = add(store, 20)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(build(store, state, app, concurrency=20, batch_size=20, poll=100).run)
+        await wait_until(lambda: all_done(store, ids))
+        nursery.cancel_scope.cancel()
+    assert len(tasks) == 20
+    assert len(set(map(id, tasks))) == 1, "a turn that never waits needs no task of its own"
+
+
+async def test_turns_that_wait_still_run_concurrently_up_to_the_concurrency(
+    autojump_clock: object,
+) -> None:
+    store, state, app = FakeStore(), make_state(), App()
+    load = Load(app, seconds=10)
+    ids = add(store, 30)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(build(store, state, app, concurrency=12, batch_size=30, poll=100).run)
+        await trio.sleep(1)
+        assert load.running == 12  # every slot's turn started at once, not one after another
+        await wait_until(lambda: all_done(store, ids))
+        nursery.cancel_scope.cancel()
+    # Three rounds of ten seconds: the runners took the rows as soon as slots were free.
+    assert trio.current_time() < 40
+
+
+async def test_handler_max_cuts_only_the_turn_that_exceeds_it_at_its_own_deadline(
+    autojump_clock: object,
+) -> None:
+    store, state, app = FakeStore(), make_state(), App()
+    ended: dict[int, float] = {}
+
+    @app.handler(FAST, name="varied")
+    async def varied(event: Event, tx: Tx) -> None:
+        await trio.sleep(event.payload["n"])
+        ended[event.id] = trio.current_time()
+
+    stuck = store.add(FAST, {"n": 100})
+    late = store.add(FAST, {"n": 3}, delay=2)  # starts at 2 s: its own deadline would be 7 s
+    quick = store.add(FAST, {"n": 4})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(build(store, state, app, poll=1, handler_max=5.0).run)
+        await wait_until(lambda: store.row(stuck).attempts == 1)
+        cut_at = trio.current_time()
+        nursery.cancel_scope.cancel()
+    assert cut_at == pytest.approx(5.0, abs=0.01), "cut at HANDLER_MAX after its start"
+    assert store.status(quick) == store.status(late) == "DONE"
+    assert ended[quick] == pytest.approx(4.0) and ended[late] == pytest.approx(5.0)
+    row = store.row(stuck)
+    assert row.status == "PENDING"
+    assert "varied: exceeded SPECTRAL_HANDLER_MAX (5s)" in (row.last_error or "")
+
+
+async def test_a_runner_cut_at_handler_max_runs_the_next_row_normally(autojump_clock: object) -> None:
+    store, state, app = FakeStore(), make_state(), App()
+    runs: list[int] = []
+
+    @app.handler(FAST, name="first-hangs")
+    async def first_hangs(event: Event, tx: Tx) -> None:
+        runs.append(event.id)
+        if len(runs) == 1:
+            await trio.sleep(100)
+        await trio.sleep(1)
+
+    ids = add(store, 3)
+    async with trio.open_nursery() as nursery:
+        # One slot: the three rows go through the same runner, one after another.
+        await nursery.start(build(store, state, app, concurrency=1, poll=1, handler_max=5.0).run)
+        await wait_until(lambda: store.status(ids[1]) == store.status(ids[2]) == "DONE")
+        nursery.cancel_scope.cancel()
+    assert store.row(ids[0]).attempts == 1
+    assert store.row(ids[1]).attempts == store.row(ids[2]).attempts == 0
+
+
+class SlowSettleStore(FakeStore):
+    """A database whose acknowledgements take a second."""
+
+    async def settle(self, batch: Settlement) -> Settled:
+        await trio.sleep(1)
+        return await super().settle(batch)
+
+
+async def test_the_next_claim_overlaps_the_write_of_the_previous_outcomes(
+    autojump_clock: object,
+) -> None:
+    store, state, app = SlowSettleStore(), make_state(), App()
+    Load(app, seconds=0)
+    ids = add(store, 12)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(build(store, state, app, concurrency=4, batch_size=4, poll=100).run)
+        await wait_until(lambda: all_done(store, ids))
+        nursery.cancel_scope.cancel()
+    claims = [t for t in store.times("claim")][:3]
+    # Without the overlap each claim waits for the previous batch's one-second write.
+    assert claims[2] - claims[0] < 1.5
+    # Bounded all the same: never more than one batch written while the next one runs.
+    assert max(limits(store)) == 4
+
+
+async def test_a_slow_acknowledgement_makes_writes_larger_but_never_beyond_one_writes_cap(
+    autojump_clock: object,
+) -> None:
+    store, state, app = SlowSettleStore(), make_state(), App()
+    Load(app, seconds=0)
+    ids = add(store, 200)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(build(store, state, app, concurrency=4, batch_size=4, poll=100).run)
+        await wait_until(lambda: all_done(store, ids))
+        nursery.cancel_scope.cancel()
+    written = [len(s) for s in store.settlements]
+    assert sum(written) == 200
+    # Claiming went on during each one-second write, so the next write took more than
+    # the four turns that fit at once; but no write takes more than five batches.
+    assert max(written) == 4 * SETTLE_BATCHES
+    assert trio.current_time() < 200 / 4  # far fewer than one write per four rows
+
+
+async def test_a_claim_that_finds_fewer_rows_than_it_asks_for_is_not_repeated_at_once(
+    autojump_clock: object,
+) -> None:
+    store, state, app = FakeStore(), make_state(), App()
+    load = Load(app, seconds=0)
+    ids = add(store, 3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(build(store, state, app, concurrency=10, batch_size=10, poll=100).run)
+        await wait_until(lambda: all_done(store, ids))
+        await trio.sleep(50)
+        assert store.times("claim") == [0]  # all three due rows, then nothing to ask for
+        later = store.add(FAST)
+        state.wake()  # its NOTIFY
+        await wait_until(lambda: later in load.done)
+        assert store.times("claim") == pytest.approx([0, 50], abs=0.1)
+        nursery.cancel_scope.cancel()
+    assert state.counters.polls == 0
