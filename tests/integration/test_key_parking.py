@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import trio
 
 import spectral
 from spectral.actors.reconciler import Reconciler, ReconcileSettings
@@ -18,7 +19,7 @@ from spectral.db import Store
 from spectral.db._queries import OUTBOX
 from spectral.state import RuntimeState
 
-from .test_ordering import _ack, _claim, _dead, _gen, _pub, trio_asyncio_run
+from .test_ordering import TOPIC, _ack, _claim, _dead, _gen, _pub, trio_asyncio_run
 
 PARKED = datetime.max  # how asyncpg reads the timestamp 'infinity'
 
@@ -225,3 +226,22 @@ async def test_racing_claims_and_acknowledgements_leave_no_key_parked_for_good(
     assert await store.fetchval(
         "SELECT count(*) FROM core.outbox WHERE available_at = 'infinity'") == 0
     assert await store.fetchval("SELECT count(*) FROM core.outbox WHERE status = 'DONE'") == 300
+
+
+async def test_a_head_due_after_its_waiting_rows_is_claimed_by_the_claim_that_reads_them(
+    store: Store,
+) -> None:
+    """The claim reads the head after the rows waiting behind it (its available_at is
+    later than theirs, as after a retry or a delayed publish): nothing is parked behind a
+    PENDING head, which the same statement then claims (changing the head while reading
+    would make that claim fail)."""
+    gen = await _gen(store)
+    head = int(await store.fetchval(
+        "SELECT core.publish($1, '{}', now() + interval '0.3 seconds', $2, key => 'K')",
+        TOPIC, gen))
+    waiting = [await _pub(store, gen, "K", n) for n in range(3)]
+    await trio.sleep(0.4)
+    assert set(await _claim(store, gen)) == {head}
+    claimed = await _claim(store, gen)  # behind a running head the rows are parked now
+    assert claimed == {}
+    assert all([await _parked(store, w) for w in waiting])

@@ -86,10 +86,11 @@ RETURNING o.id, o.generation, o.claimed_by;
 -- name: parked_heads
 -- The safety net under key parking (migration 0010): put back every parked row that is
 -- its key's head (no earlier row holds the key), which the unpark trigger should already
--- have done. Parked rows sit at available_at 'infinity' in outbox_due_idx: one range probe
--- per generation, one key probe per parked row. Returns (id, generation) of the rows.
+-- have done, marked as rows may be parked behind it. Parked rows sit at available_at
+-- 'infinity' in outbox_due_idx: one range probe per generation, one key probe per parked
+-- row. Returns (id, generation) of the rows.
 UPDATE core.outbox AS o
-SET available_at = o.created_at, updated_at = now()
+SET available_at = o.created_at, key_waiters = true, updated_at = now()
 FROM core.deployments AS d
 WHERE o.generation = d.generation AND o.status = 'PENDING' AND o.deleted_at IS NULL
   AND o.available_at = 'infinity' AND o.key IS NOT NULL
