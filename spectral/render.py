@@ -8,7 +8,7 @@ and one call here.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from .db.rows import PrunePass, ReconcilePass
@@ -142,23 +142,23 @@ def deploy_history(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def prune_status(override: bool | None, last: PrunePass | None) -> list[str]:
-    """`spectral prune on|off|default|status`: the live override and the last pass."""
-    state = "not set (SPECTRAL_PRUNE_ENABLED decides)" if override is None else (
+def _switch_status(actor: str, variable: str, override: bool | None,
+                   last: Mapping[str, Any] | None, result: str) -> list[str]:
+    """A live kill switch: the override, and the last pass with its ``result`` counts."""
+    state = f"not set ({variable} decides)" if override is None else (
         "on" if override else "off")
-    lines = [f"pruner override: {state}"]
+    lines = [f"{actor} override: {state}"]
     if last is not None:
         lines.append(f"last pass: {last['started_at']:%Y-%m-%d %H:%M:%S} by {last['worker_id']}, "
-                     f"pruned {json.dumps(last['pruned'])}, {len(last['errors'])} errors")
+                     f"{result} {json.dumps(last[result])}, {len(last['errors'])} errors")
     return lines
+
+
+def prune_status(override: bool | None, last: PrunePass | None) -> list[str]:
+    """`spectral prune on|off|default|status`: the live override and the last pass."""
+    return _switch_status("pruner", "SPECTRAL_PRUNE_ENABLED", override, last, "pruned")
 
 
 def reconcile_status(override: bool | None, last: ReconcilePass | None) -> list[str]:
     """`spectral reconcile`: the live override and the last pass."""
-    state = "not set (SPECTRAL_RECONCILE_ENABLED decides)" if override is None else (
-        "on" if override else "off")
-    lines = [f"reconciler override: {state}"]
-    if last is not None:
-        lines.append(f"last pass: {last['started_at']:%Y-%m-%d %H:%M:%S} by {last['worker_id']}, "
-                     f"unblocked {json.dumps(last['unblocked'])}, {len(last['errors'])} errors")
-    return lines
+    return _switch_status("reconciler", "SPECTRAL_RECONCILE_ENABLED", override, last, "unblocked")
