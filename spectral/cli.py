@@ -11,20 +11,21 @@ import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from . import logs, render
 from ._version import __version__
+from .actors._switch import ACTIONS as SWITCH_ACTIONS
 from .app import App
 from .config import Settings
 from .db import Store, embedded, migrate, open_database, redact, resolve_url
-from .db.rows import NewDeployment, PrunePass, ReconcilePass
+from .db.rows import NewDeployment
 from .db.urls import password_of
 from .errors import (
     AppLoadError,
@@ -42,6 +43,8 @@ from .verdicts import verdicts
 
 if TYPE_CHECKING:
     from .rollout import RolloutResult
+
+T = TypeVar("T")
 
 DEMO_APP = "spectral.demo:app"
 #: `spectral prune --dry-run` counts DONE and DEAD rows up to this many each.
@@ -475,14 +478,26 @@ def cmd_prune(args: argparse.Namespace, settings: Settings, url: str) -> int:
     return 1 if errors else 0
 
 
-def _prune_switch(action: str, settings: Settings, url: str) -> int:
-    async def main() -> tuple[bool | None, PrunePass | None]:
+def _live_switch(
+    action: str, settings: Settings, url: str,
+    read: Callable[[Store], Awaitable[bool | None]],
+    write: Callable[[Store, bool | None], Awaitable[None]],
+    last_pass: Callable[[Store], Awaitable[T]],
+) -> tuple[bool | None, T]:
+    """`spectral prune|reconcile on|off|default|status`: set the override unless only
+    asked for it, then read it back with the last pass."""
+    async def main() -> tuple[bool | None, T]:
         async with _open(url, settings) as store:
             if action != "status":
-                await store.set_prune_enabled({"on": True, "off": False, "default": None}[action])
-            return await store.prune_enabled_override(), await store.last_prune_pass()
+                await write(store, SWITCH_ACTIONS[action])
+            return await read(store), await last_pass(store)
 
-    override, last = trio.run(main)
+    return trio.run(main)
+
+
+def _prune_switch(action: str, settings: Settings, url: str) -> int:
+    override, last = _live_switch(action, settings, url, Store.prune_enabled_override,
+                                  Store.set_prune_enabled, Store.last_prune_pass)
     _say(render.prune_status(override, last))
     return 0
 
@@ -651,17 +666,9 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings, url: str) -> int:
-    action = args.reconcile_command
-
-    async def main() -> tuple[bool | None, ReconcilePass | None]:
-        async with _open(url, settings) as store:
-            if action != "status":
-                await store.set_reconcile_enabled(
-                    {"on": True, "off": False, "default": None}[action]
-                )
-            return await store.reconcile_enabled_override(), await store.last_reconcile_pass()
-
-    override, last = trio.run(main)
+    override, last = _live_switch(
+        args.reconcile_command, settings, url, Store.reconcile_enabled_override,
+        Store.set_reconcile_enabled, Store.last_reconcile_pass)
     _say(render.reconcile_status(override, last))
     return 0
 

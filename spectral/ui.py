@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from quart import Response, render_template, request
 from quart_trio import QuartTrio
 
+from .actors._switch import ACTIONS as SWITCH_ACTIONS
 from .errors import InvalidTopicError
 from .events import check_topic
 from .state import RuntimeState
@@ -298,7 +299,7 @@ class Dashboard:
         if choice not in ("on", "off", "default"):
             return await _page_response("state: must be on, off or default", 400)
         before = await self._store.reconcile_enabled_override()
-        await self._store.set_reconcile_enabled({"on": True, "off": False, "default": None}[choice])
+        await self._store.set_reconcile_enabled(SWITCH_ACTIONS[choice])
         names = {True: "on", False: "off", None: "default"}
         return f"reconciler switched {choice} (override was {names[before]})"
 

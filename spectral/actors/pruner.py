@@ -19,6 +19,7 @@ import trio
 from ..db.rows import PruneKind
 from ..errors import DatabaseError
 from ..state import RuntimeState
+from ._switch import live_switch
 
 log = logging.getLogger("spectral.pruner")
 
@@ -98,11 +99,8 @@ class Pruner:
 
     async def enabled(self) -> bool:
         """The live kill switch: the database override if set, else the process setting."""
-        try:
-            override = await self._store.prune_enabled_override()
-        except DatabaseError:
-            override = None
-        self._enabled = self._settings.enabled if override is None else override
+        self._enabled = await live_switch(self._store.prune_enabled_override,
+                                          self._settings.enabled)
         return self._enabled
 
     def _publish(self) -> None:

@@ -23,6 +23,7 @@ from ..db import TurnTx
 from ..errors import DatabaseError, SpectralError
 from ..state import RuntimeState
 from ..tx import Tx
+from ._switch import live_switch
 
 log = logging.getLogger("spectral.reconciler")
 
@@ -107,11 +108,7 @@ class Reconciler:
 
     async def enabled(self) -> bool:
         """The live kill switch: the database override if set, else the process setting."""
-        try:
-            override = await self._store.reconcile_enabled_override()
-        except DatabaseError:
-            override = None
-        return self._settings.enabled if override is None else override
+        return await live_switch(self._store.reconcile_enabled_override, self._settings.enabled)
 
     async def run_once(self) -> PassReport | None:
         """One pass, unless another worker ran one within the interval; None when skipped."""

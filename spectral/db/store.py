@@ -29,6 +29,7 @@ from ._queries import (
     PRUNE,
     PUBLISH,
     RECONCILE,
+    SWITCHES,
     TESTING,
     WORKERS,
 )
@@ -296,12 +297,19 @@ class Store:
 
     # --- the reconciler --------------------------------------------------------------
 
-    async def reconcile_enabled_override(self) -> bool | None:
-        value = await self.fetchval(RECONCILE.enabled_override)
+    async def _switch_override(self, key: str) -> bool | None:
+        value = await self.fetchval(SWITCHES.override, key)
         return None if value is None else value == "true"
 
+    async def _set_switch(self, key: str, enabled: bool | None) -> None:
+        await self.execute(SWITCHES.set_override, key,
+                           None if enabled is None else str(enabled).lower())
+
+    async def reconcile_enabled_override(self) -> bool | None:
+        return await self._switch_override("reconcile_enabled")
+
     async def set_reconcile_enabled(self, enabled: bool | None) -> None:
-        await self.execute(RECONCILE.set_enabled, None if enabled is None else str(enabled).lower())
+        await self._set_switch("reconcile_enabled", enabled)
 
     async def begin_reconcile_pass(
         self, worker_id: str, generation: int, min_gap: float
@@ -348,11 +356,10 @@ class Store:
         await self.execute(PRUNE.finish_pass, pass_id, json.dumps(pruned), json.dumps(errors))
 
     async def prune_enabled_override(self) -> bool | None:
-        value = await self.fetchval(PRUNE.enabled_override)
-        return None if value is None else value == "true"
+        return await self._switch_override("prune_enabled")
 
     async def set_prune_enabled(self, enabled: bool | None) -> None:
-        await self.execute(PRUNE.set_enabled, None if enabled is None else str(enabled).lower())
+        await self._set_switch("prune_enabled", enabled)
 
     async def last_prune_pass(self) -> PrunePass | None:
         rows = await self.fetch(PRUNE.last_pass)

@@ -8,17 +8,6 @@
 -- Serialises the start of prune passes across workers until the end of the transaction.
 SELECT pg_try_advisory_xact_lock(7089812386431062139);
 
--- name: enabled_override
--- The live kill switch set by 'spectral prune on|off' (NULL: use the process setting).
-SELECT value FROM core.settings WHERE key = 'prune_enabled';
-
--- name: set_enabled
--- $1 'true' or 'false'; NULL removes the override.
-WITH gone AS (DELETE FROM core.settings WHERE key = 'prune_enabled' AND $1::text IS NULL)
-INSERT INTO core.settings (key, value)
-SELECT 'prune_enabled', $1::text WHERE $1::text IS NOT NULL
-ON CONFLICT (key) DO UPDATE SET value = excluded.value;
-
 -- name: begin_pass
 -- Start a pass unless one started less than $2 seconds ago or one is still running
 -- (unfinished and started less than $3 seconds ago: a pass never runs longer). After

@@ -5,17 +5,6 @@
 -- Serialises the start of passes across workers until the end of the transaction.
 SELECT pg_try_advisory_xact_lock(7089812386431062137);
 
--- name: enabled_override
--- The live kill switch set by 'spectral reconcile on|off' (NULL: use the process setting).
-SELECT value FROM core.settings WHERE key = 'reconcile_enabled';
-
--- name: set_enabled
--- $1 'true' or 'false'; NULL removes the override.
-WITH gone AS (DELETE FROM core.settings WHERE key = 'reconcile_enabled' AND $1::text IS NULL)
-INSERT INTO core.settings (key, value)
-SELECT 'reconcile_enabled', $1::text WHERE $1::text IS NOT NULL
-ON CONFLICT (key) DO UPDATE SET value = excluded.value;
-
 -- name: begin_pass
 -- Start a pass unless one started less than $3 seconds ago (after try_lock, in the same
 -- transaction, so the check sees every committed pass). $1 worker_id, $2 generation.
