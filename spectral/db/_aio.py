@@ -199,9 +199,12 @@ async def _session_fetch(session: Session, sql: str, args: Sequence[Any]) -> lis
             raise
 
 
-async def close_session(session: Session, seconds: float) -> None:
-    conn, session.conn = session.conn, None
-    if conn is not None:
+async def close_sessions(sessions: Sequence[Session], seconds: float) -> None:
+    """Close each session's connection within ``seconds`` (never raises)."""
+    for session in sessions:
+        conn, session.conn = session.conn, None
+        if conn is None:
+            continue
         if session.lock.locked():
             conn.terminate()  # a statement is in flight: do not wait for it
         else:

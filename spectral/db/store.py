@@ -200,11 +200,6 @@ def _pass_row(row: Any, result: str) -> dict[str, Any] | None:
     return {**dict(row), result: json.loads(row[result]), "errors": json.loads(row["errors"])}
 
 
-async def _close_sessions(sessions: Sequence[_aio.Session], seconds: float) -> None:
-    for session in sessions:
-        await _aio.close_session(session, seconds)
-
-
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> tuple[list[Any], ...]:
     return tuple([row[i] for row in rows] for i in range(width))
 
@@ -229,7 +224,7 @@ class Store:
 
     async def close_sessions(self, seconds: float) -> None:
         """Close the claim and acknowledgement connections (one hop; never raises)."""
-        await hop(_close_sessions, (self._claims, self._settles), seconds)
+        await hop(_aio.close_sessions, (self._claims, self._settles), seconds)
 
     @property
     def url(self) -> str:
@@ -628,8 +623,9 @@ class Connection:
         return bool(await hop(_aio.begin_and_fetchval, self._conn, DEPLOYMENTS.try_deploy_lock, ()))
 
     async def aclose(self) -> None:
-        """Close within :data:`CLEANUP_TIMEOUT`, shielded from cancellation."""
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT + 1):
+        """Close within :data:`CLEANUP_TIMEOUT`, shielded from cancellation (the close
+        bounds its own time, see _aio)."""
+        with trio.CancelScope(shield=True):
             await hop(_aio.close_connection, self._conn, CLEANUP_TIMEOUT)
 
 
