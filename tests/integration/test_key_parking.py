@@ -19,7 +19,16 @@ from spectral.db import Store
 from spectral.db._queries import OUTBOX
 from spectral.state import RuntimeState
 
-from .test_ordering import TOPIC, _ack, _claim, _dead, _gen, _pub, trio_asyncio_run
+from .test_ordering import (
+    TOPIC,
+    _ack,
+    _claim,
+    _claim_and_finish,
+    _dead,
+    _gen,
+    _pub,
+    trio_asyncio_run,
+)
 
 PARKED = datetime.max  # how asyncpg reads the timestamp 'infinity'
 
@@ -171,6 +180,7 @@ async def _drain_racing(db_url: str, gen: int, claimers: int, seconds: float) ->
     """Claimers claiming and acknowledging at once on few keys while a producer publishes
     more; returns how many rows were still unfinished when the deadline passed."""
     stop = asyncio.Event()
+    errors: list[str] = []  # no unique claim index here: nothing lands in it
 
     async def producer() -> None:
         conn = await asyncpg.connect(db_url)
@@ -186,13 +196,7 @@ async def _drain_racing(db_url: str, gen: int, claimers: int, seconds: float) ->
         conn = await asyncpg.connect(db_url)
         try:
             while not stop.is_set():
-                rows = await conn.fetch(OUTBOX.claim, gen, 2, f"w{i}", 60.0)
-                if rows:
-                    await conn.execute(
-                        "UPDATE core.outbox SET status = 'DONE', done_at = now(),"
-                        " claim_token = NULL, claim_expires_at = NULL"
-                        " WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
-                else:
+                if not await _claim_and_finish(conn, gen, 2, f"w{i}", errors):
                     await asyncio.sleep(0.002)
         finally:
             await conn.close()

@@ -188,18 +188,20 @@ async def test_old_calls_of_core_publish_keep_working(store: Store) -> None:
 
 async def _claim_and_finish(
     conn: asyncpg.Connection, gen: int, limit: int, worker: str, errors: list[str]
-) -> None:
-    """One claim, its rows marked DONE at once; a refused double claim goes to ``errors``."""
+) -> int:
+    """One claim, its rows marked DONE at once; a refused double claim goes to ``errors``.
+    Returns how many rows it claimed."""
     try:
         rows = await conn.fetch(OUTBOX.claim, gen, limit, worker, 60.0)
     except asyncpg.UniqueViolationError as exc:
         errors.append(str(exc))
-        return
+        return 0
     if rows:
         await conn.execute(
             "UPDATE core.outbox SET status = 'DONE', claim_token = NULL,"
             " claim_expires_at = NULL WHERE id = ANY($1::bigint[])",
             [r["id"] for r in rows])
+    return len(rows)
 
 
 async def _held_claims(db_url: str, gen: int, claimers: int, rounds: int) -> list[str]:
