@@ -6,8 +6,8 @@
 -- available_at becomes 'infinity', past the end of the claim's range scan, so no claim
 -- reads it again; when the key's head stops holding the key, the next row of the key is
 -- put back (available_at := created_at: due at once, at the front of the queue).
--- One column (adding it rewrites nothing) and no index; no existing statement changes:
--- older workers keep working (they never see parked rows, which never head their key).
+-- One column (adding it rewrites nothing) and no index. Older workers' statements keep
+-- working unchanged (they never see parked rows, which never head their key).
 
 -- Set on the row that heads its key when the claim parks a row behind it: only such a
 -- row's leaving calls the unpark trigger, so a key that never waited costs nothing more.
