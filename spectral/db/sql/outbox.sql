@@ -10,7 +10,9 @@
 -- drain release, reaper, reconciler, hand-over); a row's first claim skips the read, as no
 -- handler can have run for it yet. Due rows go in (available_at, id) order from
 -- outbox_due_idx, the one index with that order, so the plan holds whatever the
--- statistics say.
+-- statistics say; the picked ids reach the rows as an array through the primary key
+-- (a join with the CTE is hashed against the whole table once the statistics show a
+-- large backlog: tests/integration/test_plans.py).
 -- A keyed row is taken only when it is its key's head: no earlier row of the key, in any
 -- generation, is unfinished or DEAD-and-not-skipped (outbox_key_held_idx), and no row of
 -- the key is claimed. The EXISTS below finds waiting rows cheaply in the statement's
@@ -39,8 +41,7 @@ UPDATE core.outbox AS o
 SET status = 'CLAIMED', claimed_by = $3, claim_token = gen_random_uuid(),
     claim_expires_at = now() + make_interval(secs => $4), claims = o.claims + 1,
     updated_at = now()
-FROM picked
-WHERE o.id = picked.id
+WHERE o.id = ANY (ARRAY(SELECT id FROM picked))
 RETURNING o.id, o.topic, o.payload::text AS payload, o.generation, o.attempts, o.created_at,
           o.claim_token, o.key, o.traceparent,
           extract(epoch FROM clock_timestamp() - o.available_at)::float8 AS wait_seconds,
@@ -109,6 +110,7 @@ UNION ALL SELECT 'r', id FROM released;
 -- name: reap
 -- Return up to $1 rows whose claim lapsed to PENDING, charging an attempt. Rows whose
 -- turn transaction is still open are locked by it and skipped (the worker is alive).
+-- The lapsed ids reach the rows through the primary key, as in the claim.
 WITH lapsed AS (
     SELECT id FROM core.outbox
     WHERE status = 'CLAIMED' AND claim_expires_at < now()
@@ -120,8 +122,7 @@ UPDATE core.outbox AS o
 SET status = 'PENDING', attempts = o.attempts + 1,
     last_error = 'claim expired: worker ' || coalesce(o.claimed_by, '?') || ' did not acknowledge',
     claim_token = NULL, claim_expires_at = NULL, updated_at = now()
-FROM lapsed
-WHERE o.id = lapsed.id
+WHERE o.id = ANY (ARRAY(SELECT id FROM lapsed))
 RETURNING o.id, o.generation, o.claimed_by;
 
 -- name: turn_begin
