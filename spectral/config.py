@@ -247,7 +247,7 @@ class Settings:
         "largest event payload accepted, in bytes of JSON text (applied by migrate)",
     )
     concurrency: int = _setting(
-        "SPECTRAL_CONCURRENCY", 50, _positive_int, "handler turns run at once per process",
+        "SPECTRAL_CONCURRENCY", 100, _positive_int, "handler turns run at once per process",
     )
     pool_size: int = _setting(
         "SPECTRAL_POOL_SIZE", 20, _positive_int,

@@ -73,19 +73,12 @@ class RuntimeState:
         self._wake.set()
 
     async def wait_for_work(self, seconds: float) -> bool:
-        """Wait for a wake-up, the drain or ``seconds``; True if woken."""
+        """Wait for a wake-up, the drain or ``seconds``; True if woken (the drain wakes
+        too: the claimer must see it at once)."""
         woken = False
         with trio.move_on_after(seconds):
-            async with trio.open_nursery() as nursery:
-
-                async def drained() -> None:
-                    await self.draining.wait()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(drained)
-                await self._wake.wait()
-                woken = True
-                nursery.cancel_scope.cancel()
+            await self._wake.wait()
+            woken = True
         self._wake = trio.Event()
         return woken
 
@@ -131,6 +124,7 @@ class RuntimeState:
         if not self.draining.is_set():
             self.drain_deadline = trio.current_time() + budget
             self.draining.set()
+            self._wake.set()
 
     def stuck_turns(self) -> list[InFlight]:
         return list(self.in_flight.values())

@@ -103,6 +103,13 @@ def connect_options(pooler: str, application_name: str) -> dict[str, Any]:
     return options
 
 
+#: The claims' session commits without waiting for its WAL to reach the disk: about half
+#: of an idle claim's round trip on a server that syncs its WAL. A claim lost to a server
+#: crash is the same as a worker crash before it: the row is PENDING again, the turns'
+#: own commits (synchronous) flush the claim with them, and every later change to the row
+#: is fenced by a claim token that no longer matches (docs/explanation/architecture.md).
+CLAIM_SETTINGS = {"synchronous_commit": "off"}
+
 #: Behind a pooler: the idle-in-transaction bound (ms) each turn transaction sets locally.
 POOLED_IDLE_TIMEOUT = SESSION_SETTINGS["idle_in_transaction_session_timeout"]
 
@@ -175,9 +182,12 @@ class Session:
     one connection. Outside the pool, so a small pool cannot be starved by them.
     """
 
-    def __init__(self, url: str, pooler: str) -> None:
+    def __init__(self, url: str, pooler: str, settings: dict[str, str] | None = None) -> None:
         self.url = url
         self.pooler = pooler
+        # Session settings sent at connect; a pooler refuses unknown startup parameters,
+        # so behind one they are not sent.
+        self.settings = settings or {}
         self.conn: asyncpg.Connection | None = None
         # One statement at a time (a connection runs one); uncontended in a worker,
         # where one task claims and one acknowledges.
@@ -188,8 +198,10 @@ async def _session_fetch(session: Session, sql: str, args: Sequence[Any]) -> lis
     async with session.lock:
         conn = session.conn
         if conn is None or conn.is_closed():
-            conn = session.conn = await asyncpg.connect(
-                session.url, timeout=10, **connect_options(session.pooler, "spectral-claimer"))
+            options = connect_options(session.pooler, "spectral-claimer")
+            if session.pooler == "none":
+                options["server_settings"] = {**options["server_settings"], **session.settings}
+            conn = session.conn = await asyncpg.connect(session.url, timeout=10, **options)
         try:
             return list(await conn.fetch(sql, *args))
         except BaseException:

@@ -219,7 +219,7 @@ class Store:
         idle = _aio.POOLED_IDLE_TIMEOUT if pooler != "none" else ""
         self._turn_local = (idle, handler_role or "") if idle or handler_role else None
         # Claims and acknowledgements each on a connection of their own (see _aio.Session).
-        self._claims = _aio.Session(url, pooler)
+        self._claims = _aio.Session(url, pooler, _aio.CLAIM_SETTINGS)
         self._settles = _aio.Session(url, pooler)
 
     async def close_sessions(self, seconds: float) -> None:

@@ -1,5 +1,6 @@
 """The claimer's own connections: claims and acknowledgements run outside the pool, on
-one connection each, and a lost one is replaced on the next call."""
+one connection each, and a lost one is replaced on the next call; claims commit
+asynchronously, acknowledgements synchronously."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import asyncio
 import asyncpg
 import trio
 
-from spectral.db import Ack, Handled, Settlement, Store
+from spectral.db import Ack, Handled, Settlement, Store, _aio
+from spectral.db.store import hop
 from spectral.errors import DatabaseError
 
 
@@ -68,3 +70,34 @@ async def test_the_claimer_connections_close_with_the_database(db_url: str) -> N
         await store.claim(gen, 1, "w1", 60)
         assert len(await _admin(db_url, CLAIMER_PIDS)) == 1
     assert await _admin(db_url, CLAIMER_PIDS) == []
+
+
+async def _setting_on(session: _aio.Session, name: str) -> str:
+    async def show() -> str:
+        assert session.conn is not None
+        return str(await session.conn.fetchval(f"SHOW {name}"))
+
+    return await hop(show)
+
+
+async def test_claims_commit_asynchronously_and_acknowledgements_synchronously(store: Store) -> None:
+    gen = (await store.allocate_generation("test", None, None))["generation"]
+    await store.publish("a.b", "{}")
+    rows = await store.claim(gen, 1, "w1", 60)
+    await store.settle(Settlement(ack=[Ack(r.id, r.token) for r in rows]))
+    assert await _setting_on(store._claims, "synchronous_commit") == "off"
+    assert await _setting_on(store._settles, "synchronous_commit") == "on"
+
+
+async def test_behind_a_pooler_the_claim_session_sends_no_setting(store: Store, db_url: str) -> None:
+    # A pooler refuses startup parameters it does not know: none but application_name
+    # is sent, and the claim commits as the server's default says.
+    gen = (await store.allocate_generation("test", None, None))["generation"]
+    await store.publish("a.b", "{}")
+    session = _aio.Session(db_url, "session", _aio.CLAIM_SETTINGS)
+    try:
+        rows = await hop(_aio.claim, session, gen, 1, "w1", 60.0)
+        assert len(rows) == 1
+        assert await _setting_on(session, "synchronous_commit") == "on"
+    finally:
+        await hop(_aio.close_sessions, (session,), 5.0)

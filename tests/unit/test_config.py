@@ -231,7 +231,7 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.concurrency = 1  # type: ignore[misc]
     changed = settings.with_changes(concurrency=1)
-    assert (settings.concurrency, changed.concurrency) == (50, 1)
+    assert (settings.concurrency, changed.concurrency) == (100, 1)
 
 
 def test_the_defaults_pass_runtime_validation() -> None:
