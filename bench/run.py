@@ -554,13 +554,34 @@ async def measure(system: System, args: argparse.Namespace, run: int, offset_ok:
             await conn.close()
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Share of the machine's CPUs busy between two ``cpu_ticks()`` (1.0 = all of them)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
+
+
 async def _measure_worker(worker: Workers, conn: asyncpg.Connection, driver: Driver,
                           producer: Producer, probes: Path, args: argparse.Namespace,
                           jobs: int, offset_ok: bool) -> dict[str, Any]:
     began = await worker.wait_ready()
     cpu_began = worker.cpu_seconds()
+    ticks_began = cpu_ticks()
     seen_empty = await wait_drained(conn, driver.remaining_sql, worker, args.drain_limit)
     cpu_used = worker.cpu_seconds() - cpu_began
+    machine_busy = busy_share(ticks_began, cpu_ticks())
     finished = seen_empty
     # The last job's own completion timestamp (same host clock) is sharper than the
     # 50 ms poll; used only when it falls between the two.
@@ -579,6 +600,9 @@ async def _measure_worker(worker: Workers, conn: asyncpg.Connection, driver: Dri
         # Other processes on the machine skew everything: the 1-minute load after the drain.
         "loadavg_1m": os.getloadavg()[0],
         "worker_cpu_share": round(cpu_used / (seen_empty - began), 2),
+        # Everything on the machine (worker, PostgreSQL, this harness): near 1.0 the CPUs
+        # are what bounds the drain, and a second worker process cannot add much.
+        "machine_cpu_busy": machine_busy,
         "peak_rss_mib": worker.peak_rss_mib,
     }
     await asyncio.sleep(args.settle)  # idle: let the worker fall back to waiting
@@ -665,6 +689,7 @@ def summarise(system: System, args: argparse.Namespace, runs: list[dict[str, Any
         "peak_rss_mib": median_of(runs, "peak_rss_mib"),
         "worker_cpu_us_per_job": median_of(runs, "worker_cpu_us_per_job"),
         "worker_cpu_share": median_of(runs, "worker_cpu_share"),
+        "machine_cpu_busy": median_of(runs, "machine_cpu_busy"),
         "startup_s": median_of(runs, "startup_s"),
         "runs": runs,
         "error": error,
@@ -686,10 +711,15 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
 def render(report: dict[str, Any]) -> str:
     results = report["systems"]
     header = (f"{'system':<28} {'settings':<24} {'drain jobs/s':>12} {'vs ' + BASELINE:>21} "
-              f"{'vs ' + BEST_PEER:>18} {'p50 ms':>7} {'p99 ms':>7} {'RSS MiB':>8} {'CPU us/job':>10}")
+              f"{'vs ' + BEST_PEER:>18} {'p50 ms':>7} {'p99 ms':>7} {'RSS MiB':>8} {'CPU us/job':>10} "
+              f"{'CPUs busy':>9}")
     lines = [header, "-" * len(header)]
     for key, r in results.items():
         rate = r["drain_jobs_per_s"]
@@ -698,7 +728,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"{r['label']:<28} {r['settings']:<24} {fmt(rate):>12} {ratio:>21} {best:>18} "
             f"{fmt(r['latency_p50_ms'], 1):>7} {fmt(r['latency_p99_ms'], 1):>7} "
-            f"{fmt(r['peak_rss_mib'], 1):>8} {fmt(r['worker_cpu_us_per_job'], 0):>10}"
+            f"{fmt(r['peak_rss_mib'], 1):>8} {fmt(r['worker_cpu_us_per_job'], 0):>10} "
+            f"{pct(r.get('machine_cpu_busy')):>9}"
         )
         if r["error"]:
             lines.append(f"    {key}: could not be measured: {r['error']}")
