@@ -56,8 +56,35 @@ class JsonFormatter(_Scrubbing):
         return json.dumps(doc, default=str)
 
 
+#: The database driver's own logger: its warnings go through Spectral's handler.
+DRIVER_LOGGER = "asyncpg"
+
+
+class OneLineConnectionErrors(logging.Filter):
+    """The driver's warnings about a server it cannot reach, on one line.
+
+    asyncpg's pool logs every failed attempt to reopen its idle connections with a
+    traceback ("Failed to restore the pool connection floor; retrying"). Spectral reports
+    the same loss once per consumer (``spectral.reconnect``) and, past the reconnect
+    budget, exits with a one-line error; a traceback per retry buried it. Connection
+    errors (``OSError``, timeouts, the driver's own exceptions) keep their type and
+    message on the line; anything else keeps its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (isinstance(exc, OSError | TimeoutError)
+                                or type(exc).__module__.startswith("asyncpg")):
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure(fmt: str = "text", level: str = "INFO", secrets: tuple[str, ...] = ()) -> None:
-    """Send Spectral's logs to stderr in ``fmt`` ('text' or 'json') at ``level``."""
+    """Send Spectral's logs to stderr in ``fmt`` ('text' or 'json') at ``level``, and the
+    driver's warnings and errors in the same format."""
     formatter: _Scrubbing = JsonFormatter() if fmt == "json" else TextFormatter()
     formatter.secrets = tuple(s for s in secrets if s)
     handler = logging.StreamHandler(sys.stderr)
@@ -66,3 +93,12 @@ def configure(fmt: str = "text", level: str = "INFO", secrets: tuple[str, ...] =
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # A handler of its own: a logger's filters do not apply to its children's records
+    # (asyncpg.pool), a handler's do.
+    driver_handler = logging.StreamHandler(sys.stderr)
+    driver_handler.setFormatter(formatter)
+    driver_handler.addFilter(OneLineConnectionErrors())
+    driver = logging.getLogger(DRIVER_LOGGER)
+    driver.handlers[:] = [driver_handler]
+    driver.setLevel(logging.WARNING)
+    driver.propagate = False

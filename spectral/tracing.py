@@ -28,6 +28,18 @@ def available() -> bool:
         return False
 
 
+def recording() -> bool:
+    """Whether spans would be recorded: a tracer provider has been set (an SDK), not the
+    API's default, whose spans are no-ops. Checked per turn, so a provider set after the
+    worker started counts from then on."""
+    if not available():
+        return False
+    import opentelemetry.trace as trace
+
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 def current_traceparent() -> str | None:
     """The current span's context as a W3C ``traceparent`` value, or None (no
     OpenTelemetry, or no valid current span)."""

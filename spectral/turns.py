@@ -232,8 +232,10 @@ class TurnRunner:
             return Outcome(row, OutcomeKind.FAIL,
                            error=f"{reason}; previous runs never acknowledged",
                            dead=True, reason=reason)
-        if not tracing.available():
-            # No OpenTelemetry: no span, and no context manager to enter per turn.
+        if not tracing.available() or (row.traceparent is None and not tracing.recording()):
+            # No span, and no context manager to enter per turn: without OpenTelemetry, or
+            # with only its API (a no-op span) and no producer's context to pass on. With
+            # one, the API's no-op span still carries it to what the handler publishes.
             return await self._run_pending(row, pending, attempt, progress, bounded)
         with tracing.turn_span(event_id=row.id, topic=row.topic, key=row.key,
                                generation=row.generation, attempt=attempt,

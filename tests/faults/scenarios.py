@@ -263,6 +263,9 @@ def pg_down_past_budget(s: Scene, full: bool) -> None:
     s.expect(all(c not in (None, 0) for c in codes), f"exit codes with the database gone: {codes}")
     loud = [w for w in workers if "spectral: error:" in w.output and "SPECTRAL_RECONNECT_BUDGET" in w.output]
     s.expect(len(loud) == len(workers), "a worker exited without saying the database was gone")
+    # The driver's retries are warnings of one line each, not tracebacks before the error.
+    s.expect(not any("Traceback" in w.output for w in workers),
+             "a traceback in a worker's output before its one-line error")
     s.notes.append(f"workers failed loud with exits {codes}")
     s.private.start()
     s.ready(s.spawn(), s.spawn())

@@ -26,6 +26,7 @@ SUBSET = (
     "poison",
     "pg-terminate",
     "pg-restart-immediate",
+    "pg-down-past-budget",
     "half-open",
     "malformed-input",
     "clock-skew",

@@ -150,3 +150,22 @@ def test_with_opentelemetry_importable_the_check_does_not_import_it() -> None:
     # find_spec of a submodule imports its parent package only, never the API itself.
     assert "opentelemetry.trace" not in result.stdout
 
+
+
+_RECORDING = """
+import spectral.tracing as t
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+assert t.available()
+print(t.recording())
+trace.set_tracer_provider(TracerProvider())
+print(t.recording())
+"""
+
+
+def test_spans_record_only_once_a_tracer_provider_is_set() -> None:
+    # A process of its own: the global provider can be set once per process.
+    result = subprocess.run([sys.executable, "-c", _RECORDING], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]

@@ -477,3 +477,43 @@ async def test_error_text_has_no_nul_characters(
 
     outcome = await runner(app, store, state).run(await claimed(store))
     assert outcome.error is not None and "\x00" not in outcome.error
+
+
+# --- tracing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("recording", "traceparent", "spans"), [
+    (False, None, 0),  # the API alone and nothing to pass on: no span entered
+    (False, "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01", 1),  # the producer's context goes on
+    (True, None, 1),  # an SDK records every turn
+])
+async def test_a_turn_enters_a_span_only_when_it_records_or_passes_context_on(
+    autojump_clock: object, store: FakeStore, state: RuntimeState, monkeypatch: pytest.MonkeyPatch,
+    recording: bool, traceparent: str | None, spans: int,
+) -> None:
+    from contextlib import contextmanager
+
+    from spectral import tracing
+
+    entered: list[int] = []
+    real = tracing.turn_span
+
+    @contextmanager
+    def counting(**kwargs: object):  # type: ignore[no-untyped-def]
+        entered.append(1)
+        with real(**kwargs) as span:  # type: ignore[arg-type]
+            yield span
+
+    monkeypatch.setattr(tracing, "available", lambda: True)
+    monkeypatch.setattr(tracing, "recording", lambda: recording)
+    monkeypatch.setattr(tracing, "turn_span", counting)
+    app = App()
+
+    @app.handler(TOPIC, name="h")
+    async def h(event: Event, tx: Tx) -> None:
+        pass
+
+    row = (await claimed(store))._replace(traceparent=traceparent)
+    outcome = await runner(app, store, state).run(row)
+    assert outcome.kind == "ack"
+    assert len(entered) == spans
