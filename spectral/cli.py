@@ -162,7 +162,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run one prune pass now (retention by SPECTRAL_RETAIN_*), say what it would "
              "delete, or set the pruner's live kill switch",
     )
-    prune.add_argument("switch", nargs="?", choices=("on", "off", "default", "status"),
+    prune.add_argument("switch", nargs="?", choices=(*SWITCH_ACTIONS, "status"),
                        help="on/off: enable or disable passes on every worker, live; default: "
                             "back to SPECTRAL_PRUNE_ENABLED; status: the override and the last "
                             "pass (without it: run one pass now)")

@@ -296,11 +296,11 @@ class Dashboard:
 
     async def _reconcile(self, form: dict[str, str]) -> str | Response:
         choice = form.get("state", "")
-        if choice not in ("on", "off", "default"):
+        if choice not in SWITCH_ACTIONS:
             return await _page_response("state: must be on, off or default", 400)
         before = await self._store.reconcile_enabled_override()
         await self._store.set_reconcile_enabled(SWITCH_ACTIONS[choice])
-        names = {True: "on", False: "off", None: "default"}
+        names = {enabled: name for name, enabled in SWITCH_ACTIONS.items()}
         return f"reconciler switched {choice} (override was {names[before]})"
 
 
