@@ -86,18 +86,23 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
     return None
 
 
-def connect_options(pooler: str, application_name: str) -> dict[str, Any]:
-    """asyncpg connect arguments for ``pooler`` ('none', 'session' or 'transaction').
+def connect_options(
+    pooler: str, application_name: str, settings: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """asyncpg connect arguments for ``pooler`` ('none', 'session' or 'transaction'),
+    with the session ``settings`` of one kind of connection.
 
     Poolers refuse startup parameters they do not know, so behind one only
     ``application_name`` is sent (the idle-in-transaction bound is then set per turn
-    transaction, see :data:`POOLED_IDLE_TIMEOUT`). Behind a transaction pooler the
-    statement cache is off: a prepared statement lives in one server session, and the
-    next transaction may run in another.
+    transaction, see :data:`POOLED_IDLE_TIMEOUT`; ``settings`` are left out). Behind a
+    transaction pooler the statement cache is off: a prepared statement lives in one
+    server session, and the next transaction may run in another.
     """
     options: dict[str, Any] = {"server_settings": {"application_name": application_name}}
     if pooler == "none" and application_name == "spectral":
         options["server_settings"] = SESSION_SETTINGS
+    if pooler == "none" and settings:
+        options["server_settings"] = {**options["server_settings"], **settings}
     if pooler == "transaction":
         options["statement_cache_size"] = 0
     return options
@@ -185,8 +190,7 @@ class Session:
     def __init__(self, url: str, pooler: str, settings: dict[str, str] | None = None) -> None:
         self.url = url
         self.pooler = pooler
-        # Session settings sent at connect; a pooler refuses unknown startup parameters,
-        # so behind one they are not sent.
+        # Session settings sent at connect (not behind a pooler: see connect_options).
         self.settings = settings or {}
         self.conn: asyncpg.Connection | None = None
         # One statement at a time (a connection runs one); uncontended in a worker,
@@ -198,10 +202,9 @@ async def _session_fetch(session: Session, sql: str, args: Sequence[Any]) -> lis
     async with session.lock:
         conn = session.conn
         if conn is None or conn.is_closed():
-            options = connect_options(session.pooler, "spectral-claimer")
-            if session.pooler == "none":
-                options["server_settings"] = {**options["server_settings"], **session.settings}
-            conn = session.conn = await asyncpg.connect(session.url, timeout=10, **options)
+            conn = session.conn = await asyncpg.connect(
+                session.url, timeout=10,
+                **connect_options(session.pooler, "spectral-claimer", session.settings))
         try:
             return list(await conn.fetch(sql, *args))
         except BaseException:
