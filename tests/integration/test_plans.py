@@ -12,10 +12,10 @@ plan may read core.outbox or core.event_handled with a sequential scan. This che
 plans, not their run time: the growth benchmark (bench/growth.py) measures that.
 
 The second table is what a worker meets after a burst: 20,000 PENDING and 20,000 CLAIMED
-rows (a quarter of them lapsed) beside 20,000 DONE ones, with fresh statistics that say so. There a join of a
-claimed batch with the table looks cheap to hash, reading the whole table per claim: on
-such statistics the claim, the settle and the reap must still reach their rows through
-an index.
+rows (a quarter of them lapsed) beside 20,000 DONE ones, with fresh statistics that say
+so. There a join of a claimed batch with the table looks cheap to hash, reading the whole
+table per claim: on such statistics the claim, the settle and the reap must still reach
+their rows through an index.
 """
 
 from __future__ import annotations
