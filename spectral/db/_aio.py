@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -23,6 +24,8 @@ from ._errors import translated
 from ._queries import DEPLOYMENTS, OBSERVE, OUTBOX, PRUNE, PUBLISH, RECONCILE, WORKERS
 
 Record = Any  # asyncpg.Record; the trio side copies what it needs into its own types
+
+log = logging.getLogger("spectral.db")
 
 #: Seconds a cleanup (commit, rollback, release, close) may take before it is abandoned.
 CLEANUP_TIMEOUT = 5.0
@@ -65,17 +68,27 @@ _ORPHANED_CONNECT_ERROR = "unexpected connection_lost() call"
 
 
 def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """The trio-asyncio loop's exception handler: drop one known orphan, defer the rest.
+    """The trio-asyncio loop's exception handler: drop one known orphan, log reports that
+    carry no exception, defer the rest.
 
-    trio-asyncio's default handler raises every unhandled asyncio error into the loop's
-    nursery, which stops the loop and everything running in it. asyncpg's SSL negotiation
-    (sslmode=prefer, the default over TCP) sets ``ConnectionError('unexpected
-    connection_lost() call')`` on a future of its own when the connect it belongs to was
-    cancelled while the transport was being opened; that connect already ended with the
-    cancellation, so the error is noise, not a failure.
+    trio-asyncio's default handler raises every report into the loop's nursery, which
+    stops the loop and everything running in it.
+
+    - asyncpg's SSL negotiation (sslmode=prefer, the default over TCP) sets
+      ``ConnectionError('unexpected connection_lost() call')`` on a future of its own
+      when the connect it belongs to was cancelled while the transport was being opened;
+      that connect already ended with the cancellation, so the error is noise.
+    - A report with a message and no exception is a warning about something the library
+      has dealt with: asyncpg's "Resetting connection with an active transaction" when a
+      connection comes back to the pool inside a transaction (a turn cut off during its
+      BEGIN), which it rolls back before the connection is reused. It is logged, as plain
+      asyncio does; stopping the worker for it would cut every other turn short.
     """
     exc = context.get("exception")
     if isinstance(exc, ConnectionError) and str(exc) == _ORPHANED_CONNECT_ERROR:
+        return
+    if exc is None and context.get("message"):
+        log.warning("asyncio: %s", context["message"])
         return
     loop.default_exception_handler(context)
 
