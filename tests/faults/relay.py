@@ -69,8 +69,10 @@ class Relay:
             threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        src.settimeout(0.1)
         try:
+            # Inside the try: the other direction's pump may have closed both sockets
+            # before this thread ran its first line.
+            src.settimeout(0.1)
             while not self._closed:
                 if not self._forwarding.is_set():
                     self._forwarding.wait(0.1)
